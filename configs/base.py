@@ -1,0 +1,86 @@
+"""The base config: declares every key, with the MEDITRON pretraining recipe as defaults.
+
+Size and run configs (debug.py, meditron_7b.py, meditron_70b.py) import this and override a few
+keys; no code reads a key that is not declared here. Any key can be overridden on the command
+line, e.g. ``--config.train.steps=100 --config.mesh.fsdp=8``.
+"""
+
+import dataclasses
+
+import ml_collections
+
+from meditron_jax import model as model_lib
+
+
+def model_config(preset: str) -> ml_collections.ConfigDict:
+    """The ``model`` section: every LlamaConfig field, filled from a preset in model.PRESETS."""
+    return ml_collections.ConfigDict(dataclasses.asdict(model_lib.preset(preset)))
+
+
+def source(name: str, files: str, weight: float, val_fraction: float = 0.03,
+           text_key: str = 'text') -> dict:
+    """One corpus source: a glob of JSONL (or .txt) files and its share of training tokens."""
+    return dict(name=name, files=files, weight=weight, val_fraction=val_fraction,
+                text_key=text_key)
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+
+    # Model shape and numerics: the fields of model.LlamaConfig.
+    c.model = model_config('llama2_7b')
+
+    # Device mesh: axis sizes, -1 = all remaining devices. See meditron_jax/sharding.py.
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+
+    c.data = ml_collections.ConfigDict()
+    c.data.sources = []             # list of source(...) dicts; weights are token shares
+    c.data.dir = ''                 # prepared shards + manifest.json; '' = <workdir>/data
+    c.data.tokenizer = ''           # SentencePiece .model (Llama-2's in real runs)
+    c.data.tokenizer_vocab_size = 0  # >0 and no tokenizer: train one on the corpus
+    c.data.special_tokens = ['[BIB_REF]', '[/BIB_REF]', '[FIG_REF]', '[TABLE]', '[FORMULA]']
+    c.data.clean = ml_collections.ConfigDict(dict(
+        normalize=True,             # unicode NFKC + whitespace
+        drop_urls=True,
+        drop_references=True,       # reference / bibliography sections
+        min_chars=200,              # documents shorter than this (after cleaning) are dropped
+    ))
+    c.data.dedup = 'exact'          # 'exact' (normalised-text hash), 'minhash' (near dup), 'none'
+    c.data.minhash_threshold = 0.8  # Jaccard similarity above which documents are duplicates
+    c.data.prepare_workers = 0      # processes for meditron-prepare; 0 = all cores
+    c.data.seq_len = 2048           # tokens per training row (rows hold seq_len + 1 tokens)
+    c.data.global_batch_size = 1600  # sequences per optimizer step, over all hosts
+    c.data.packing = 'concat'       # 'concat' (Megatron concat-then-split) or 'first_fit'
+    c.data.shuffle_seed = 0
+    c.data.worker_count = 0         # grain worker processes per host (0 = in the main process)
+
+    # Optimizer: AdamW with warmup + cosine, MEDITRON 7B's pretraining values.
+    c.optim = ml_collections.ConfigDict(dict(
+        lr_peak=3e-4,
+        lr_min=3e-5,                # cosine floor (the paper: 10% of peak)
+        warmup_steps=2000,
+        decay_steps=0,              # cosine length after warmup; 0 = train.steps - warmup_steps
+        b1=0.9,
+        b2=0.95,
+        eps=1e-5,
+        weight_decay=0.1,           # on weight matrices only, never on norm scales
+        clip_norm=1.0,              # global gradient norm
+        grad_accum_steps=1,         # micro-batches per step (global_batch_size / this per micro)
+    ))
+
+    c.train = ml_collections.ConfigDict(dict(
+        steps=10000,
+        log_every=10,
+        eval_every=500,
+        eval_steps=20,              # validation batches per evaluation
+        seed=0,
+        init_from='',               # params-only checkpoint (meditron-convert output) to start from
+        nonfinite='error',          # 'error': stop naming the step; 'skip': skip the update, count it
+        peak_flops_per_device=989e12,  # dense bf16 peak for MFU (H100 SXM); A100: 312e12
+    ))
+
+    c.checkpoint = ml_collections.ConfigDict(dict(
+        every=500,                  # steps between saves (and one at the end)
+        keep=3,                     # most recent checkpoints kept
+    ))
+    return c

@@ -1,0 +1,387 @@
+"""Llama-2 in Flax linen: config and presets, RMSNorm, RoPE, GQA attention, SwiGLU, scanned stack.
+
+Why linen: its ``nn.scan``, ``nn.remat`` and logical-partitioning metadata are mature, and its
+parameters are plain nested dicts of arrays, which orbax, optax and the torch converters handle
+with no adapter. We run it on ``AxisType.Auto`` meshes (see sharding.py), where linen works.
+
+Parameter scheme (the one layout shared by the model, the sharding rules, checkpoints and both
+converters). Shapes with L layers, D hidden, N query heads, K kv heads, H head dim, F MLP, V vocab;
+logical axis names in brackets:
+
+    embed/embedding            (V, D)        [vocab, embed]
+    layers/attn_norm/scale     (L, D)        [layers, norm]
+    layers/attn/q/kernel       (L, D, N, H)  [layers, embed, heads, head_dim]
+    layers/attn/k/kernel       (L, D, K, H)  [layers, embed, kv_heads, head_dim]
+    layers/attn/v/kernel       (L, D, K, H)  [layers, embed, kv_heads, head_dim]
+    layers/attn/o/kernel       (L, N, H, D)  [layers, heads, head_dim, embed]
+    layers/mlp_norm/scale      (L, D)        [layers, norm]
+    layers/mlp/gate/kernel     (L, D, F)     [layers, embed, mlp]
+    layers/mlp/up/kernel       (L, D, F)     [layers, embed, mlp]
+    layers/mlp/down/kernel     (L, F, D)     [layers, mlp, embed]
+    final_norm/scale           (D,)          [norm]
+    lm_head/kernel             (D, V)        [embed, vocab]
+
+This stacked layout is canonical (checkpoints, converters). With ``scan_layers=False`` the model
+keeps one subtree per layer (``layers_0`` ... ``layers_{L-1}``, same leaves without the L axis);
+``to_layout`` converts between the two. q and k use Hugging Face's rotate-half RoPE layout: a HF
+``q_proj.weight`` (N*H, D) is ``kernel.reshape(D, N*H).T``; Meta's interleaved layout is permuted
+by the converters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from meditron_jax import sharding
+
+Array = jax.Array
+Params = dict[str, Any]
+
+REMAT_POLICIES = {
+    'none': None,
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'save_dots': jax.checkpoint_policies.dots_saveable,
+    'save_dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+ATTENTION_IMPLEMENTATIONS = ('xla', 'cudnn')
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """Model shape and numerics. Field names are also the ``model.*`` config keys."""
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int = 32
+    mlp_dim: int = 11008
+    max_seq_len: int = 4096
+    rope_theta: float = 10000.0
+    rms_eps: float = 1e-5
+    init_std: float = 0.02
+    param_dtype: str = 'float32'      # master weights
+    compute_dtype: str = 'float32'    # matmuls and activations; 'bfloat16' for real runs
+    scan_layers: bool = True          # one compiled block over stacked parameters
+    remat: str = 'none'               # one of REMAT_POLICIES
+    attention: str = 'xla'            # 'xla' everywhere, 'cudnn' fused flash attention on GPU
+
+    def __post_init__(self):
+        errors = []
+        for name in ('vocab_size', 'hidden_size', 'num_layers', 'num_heads', 'num_kv_heads',
+                     'mlp_dim', 'max_seq_len'):
+            if getattr(self, name) <= 0:
+                errors.append(f'{name}={getattr(self, name)} must be positive')
+        if self.num_heads > 0 and self.hidden_size % self.num_heads:
+            errors.append(f'num_heads={self.num_heads} does not divide '
+                          f'hidden_size={self.hidden_size}')
+        if self.num_kv_heads > 0 and self.num_heads % self.num_kv_heads:
+            errors.append(f'num_kv_heads={self.num_kv_heads} does not divide '
+                          f'num_heads={self.num_heads}')
+        if self.num_heads > 0 and (self.hidden_size // self.num_heads) % 2:
+            errors.append(f'head_dim={self.hidden_size // self.num_heads} must be even for RoPE')
+        if self.remat not in REMAT_POLICIES:
+            errors.append(f'remat={self.remat!r}, expected one of {sorted(REMAT_POLICIES)}')
+        if self.attention not in ATTENTION_IMPLEMENTATIONS:
+            errors.append(f'attention={self.attention!r}, expected one of '
+                          f'{ATTENTION_IMPLEMENTATIONS}')
+        for name in ('param_dtype', 'compute_dtype'):
+            try:
+                jnp.dtype(getattr(self, name))
+            except TypeError:
+                errors.append(f'{name}={getattr(self, name)!r} is not a dtype')
+        if errors:
+            raise ValueError('invalid model config: ' + '; '.join(errors))
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def replace(self, **changes) -> 'LlamaConfig':
+        return dataclasses.replace(self, **changes)
+
+    def num_params(self) -> int:
+        """Exact parameter count (untied embedding and head, as Llama-2)."""
+        d, h, f = self.hidden_size, self.head_dim, self.mlp_dim
+        attn = d * h * (2 * self.num_heads + 2 * self.num_kv_heads)
+        per_layer = attn + 3 * d * f + 2 * d
+        return self.num_layers * per_layer + 2 * self.vocab_size * d + d
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward): 6 x matmul params + causal attention.
+
+        The embedding lookup is not a matmul and is left out; attention scores and values cost
+        2 * 2 * T * D per layer forward at full context, halved for causal masking (PaLM's count
+        without the halving counts it twice)."""
+        matmul_params = self.num_params() - self.vocab_size * self.hidden_size
+        attn = 6 * self.num_layers * seq_len * self.hidden_size  # 3 x (2 x 2 x T x D) / 2
+        return 6.0 * matmul_params + attn
+
+
+PRESETS: dict[str, LlamaConfig] = {
+    'llama2_7b': LlamaConfig(),
+    'llama2_13b': LlamaConfig(hidden_size=5120, num_layers=40, num_heads=40, num_kv_heads=40,
+                              mlp_dim=13824),
+    'llama2_70b': LlamaConfig(hidden_size=8192, num_layers=80, num_heads=64, num_kv_heads=8,
+                              mlp_dim=28672),
+    # ~100M parameters: the CPU benchmark size.
+    'llama_100m': LlamaConfig(vocab_size=32000, hidden_size=768, num_layers=10, num_heads=12,
+                              num_kv_heads=4, mlp_dim=2048, max_seq_len=1024),
+    # The debug run: trains in minutes on 2 CPU cores.
+    'debug': LlamaConfig(vocab_size=2048, hidden_size=128, num_layers=4, num_heads=4,
+                         num_kv_heads=2, mlp_dim=384, max_seq_len=512),
+    # Unit tests: every dimension divisible by 8 devices' worth of sharding.
+    'tiny': LlamaConfig(vocab_size=256, hidden_size=64, num_layers=2, num_heads=8,
+                        num_kv_heads=4, mlp_dim=128, max_seq_len=64),
+}
+
+
+def preset(name: str, **overrides) -> LlamaConfig:
+    if name not in PRESETS:
+        raise KeyError(f'unknown model preset {name!r}; known: {sorted(PRESETS)}')
+    return PRESETS[name].replace(**overrides)
+
+
+# --------------------------------------------------------------------------------- layers
+
+
+def _param(module: nn.Module, name: str, shape, names, init, cfg: LlamaConfig) -> Array:
+    return module.param(name, nn.with_logical_partitioning(init, names), shape,
+                        jnp.dtype(cfg.param_dtype))
+
+
+class RMSNorm(nn.Module):
+    cfg: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x_BxTxD: Array) -> Array:
+        scale_D = _param(self, 'scale', (x_BxTxD.shape[-1],), ('norm',),
+                         nn.initializers.ones, self.cfg)
+        x = x_BxTxD.astype(jnp.float32)
+        x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.cfg.rms_eps)
+        dtype = jnp.dtype(self.cfg.compute_dtype)
+        return scale_D.astype(dtype) * x.astype(dtype)
+
+
+class Weight(nn.Module):
+    """A bare weight (the embedding table, the output head), normal(init_std) initialised."""
+    cfg: LlamaConfig
+    shape: tuple[int, ...]
+    names: tuple[str, ...]
+    param_name: str
+
+    @nn.compact
+    def __call__(self) -> Array:
+        return _param(self, self.param_name, self.shape, self.names,
+                      nn.initializers.normal(self.cfg.init_std), self.cfg)
+
+
+class Einsum(nn.Module):
+    """A bias-free linear map written as one einsum, computing in cfg.compute_dtype."""
+    cfg: LlamaConfig
+    equation: str
+    shape: tuple[int, ...]
+    names: tuple[str, ...]
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        kernel = _param(self, 'kernel', self.shape, self.names,
+                        nn.initializers.normal(self.cfg.init_std), self.cfg)
+        dtype = jnp.dtype(self.cfg.compute_dtype)
+        return jnp.einsum(self.equation, x.astype(dtype), kernel.astype(dtype))
+
+
+def rope(x_BxTxNxH: Array, positions_BxT: Array, theta: float) -> Array:
+    """Rotary embedding, rotate-half layout (HF): pairs are (i, i + H/2)."""
+    head_dim = x_BxTxNxH.shape[-1]
+    inv_freq = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    angles_BxTxH2 = positions_BxT[..., None].astype(jnp.float32) * inv_freq
+    cos = jnp.cos(angles_BxTxH2)[:, :, None, :]
+    sin = jnp.sin(angles_BxTxH2)[:, :, None, :]
+    x1, x2 = jnp.split(x_BxTxNxH.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BxTxNxH.dtype)
+
+
+_warned_attention: set[str] = set()
+
+
+def resolve_attention(implementation: str) -> str:
+    """'cudnn' where a GPU backend is present, else 'xla' with a logged warning (once)."""
+    if implementation == 'cudnn' and jax.default_backend() != 'gpu':
+        if 'cudnn' not in _warned_attention:
+            logging.warning('attention=cudnn asked for but the backend is %r, not gpu: '
+                            'falling back to the xla implementation', jax.default_backend())
+            _warned_attention.add('cudnn')
+        return 'xla'
+    return implementation
+
+
+def attention(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array,
+              segment_ids_BxT: Array | None, implementation: str = 'xla') -> Array:
+    """Causal grouped-query attention; with segment ids, no token attends across documents."""
+    mask = None
+    if segment_ids_BxT is not None:
+        mask = (segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :])[:, None]
+    return jax.nn.dot_product_attention(
+        q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask, is_causal=True,
+        implementation=resolve_attention(implementation))
+
+
+class Attention(nn.Module):
+    cfg: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT):
+        c = self.cfg
+        d, n, k, h = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
+        q = Einsum(c, 'btd,dnh->btnh', (d, n, h), ('embed', 'heads', 'head_dim'), name='q')(x_BxTxD)
+        kk = Einsum(c, 'btd,dkh->btkh', (d, k, h), ('embed', 'kv_heads', 'head_dim'),
+                    name='k')(x_BxTxD)
+        v = Einsum(c, 'btd,dkh->btkh', (d, k, h), ('embed', 'kv_heads', 'head_dim'),
+                   name='v')(x_BxTxD)
+        q = sharding.constrain(rope(q, positions_BxT, c.rope_theta),
+                               ('batch', 'length', 'act_heads', None))
+        kk = sharding.constrain(rope(kk, positions_BxT, c.rope_theta),
+                                ('batch', 'length', 'act_kv_heads', None))
+        out_BxTxNxH = attention(q, kk, v, segment_ids_BxT, c.attention)
+        return Einsum(c, 'btnh,nhd->btd', (n, h, d), ('heads', 'head_dim', 'embed'),
+                      name='o')(out_BxTxNxH)
+
+
+class MLP(nn.Module):
+    cfg: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x_BxTxD):
+        c = self.cfg
+        d, f = c.hidden_size, c.mlp_dim
+        gate = Einsum(c, 'btd,df->btf', (d, f), ('embed', 'mlp'), name='gate')(x_BxTxD)
+        up = Einsum(c, 'btd,df->btf', (d, f), ('embed', 'mlp'), name='up')(x_BxTxD)
+        h_BxTxF = sharding.constrain(nn.silu(gate) * up, ('batch', 'length', 'act_mlp'))
+        return Einsum(c, 'btf,fd->btd', (f, d), ('mlp', 'embed'), name='down')(h_BxTxF)
+
+
+class Block(nn.Module):
+    """Pre-norm decoder block. Returns (x, None) so that nn.scan can carry x."""
+    cfg: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT):
+        x = x_BxTxD + Attention(self.cfg, name='attn')(
+            RMSNorm(self.cfg, name='attn_norm')(x_BxTxD), positions_BxT, segment_ids_BxT)
+        x = x + MLP(self.cfg, name='mlp')(RMSNorm(self.cfg, name='mlp_norm')(x))
+        return sharding.constrain(x, ('batch', 'length', 'act_embed')), None
+
+
+class Llama(nn.Module):
+    cfg: LlamaConfig
+
+    @nn.compact
+    def __call__(self, tokens_BxT: Array, positions_BxT: Array | None = None,
+                 segment_ids_BxT: Array | None = None) -> Array:
+        """Token ids -> float32 logits. Positions default to 0..T-1 (one document a row)."""
+        c = self.cfg
+        if positions_BxT is None:
+            positions_BxT = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape)
+        embedding_VxD = Weight(c, (c.vocab_size, c.hidden_size), ('vocab', 'embed'),
+                               'embedding', name='embed')()
+        x = jnp.take(embedding_VxD, tokens_BxT, axis=0).astype(jnp.dtype(c.compute_dtype))
+        x = sharding.constrain(x, ('batch', 'length', 'act_embed'))
+
+        block = Block
+        if c.remat != 'none':
+            block = nn.remat(Block, policy=REMAT_POLICIES[c.remat], prevent_cse=not c.scan_layers)
+        if c.scan_layers:
+            stack = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True},
+                            in_axes=(nn.broadcast, nn.broadcast), length=c.num_layers,
+                            metadata_params={nn.PARTITION_NAME: 'layers'})
+            x, _ = stack(c, name='layers')(x, positions_BxT, segment_ids_BxT)
+        else:
+            for i in range(c.num_layers):
+                x, _ = block(c, name=f'layers_{i}')(x, positions_BxT, segment_ids_BxT)
+
+        x = RMSNorm(c, name='final_norm')(x)
+        head_DxV = Weight(c, (c.hidden_size, c.vocab_size), ('embed', 'vocab'), 'kernel',
+                          name='lm_head')()
+        dtype = jnp.dtype(c.compute_dtype)
+        logits = jnp.einsum('btd,dv->btv', x.astype(dtype), head_DxV.astype(dtype),
+                            preferred_element_type=jnp.float32)
+        return sharding.constrain(logits, ('batch', 'length', 'act_vocab'))
+
+
+# ------------------------------------------------------------------- functional interface
+
+
+def forward(params: Params, cfg: LlamaConfig, tokens_BxT: Array, positions_BxT=None,
+            segment_ids_BxT=None) -> Array:
+    """Pure forward pass: params in the layout ``cfg.scan_layers`` says -> float32 logits."""
+    return Llama(cfg).apply({'params': params}, tokens_BxT, positions_BxT, segment_ids_BxT)
+
+
+def cross_entropy(logits_BxTxV: Array, targets_BxT: Array, weights_BxT: Array
+                  ) -> tuple[Array, Array]:
+    """(sum of weighted token losses, sum of weights), in float32."""
+    logits = logits_BxTxV.astype(jnp.float32)
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, targets_BxT[..., None], axis=-1)[..., 0]
+    weights = weights_BxT.astype(jnp.float32)
+    return jnp.sum((log_z - target_logit) * weights), jnp.sum(weights)
+
+
+def _boxed_init(cfg: LlamaConfig, rng: Array):
+    tokens = jnp.zeros((1, 8), jnp.int32)
+    return Llama(cfg).init(rng, tokens)['params']
+
+
+def param_specs(cfg: LlamaConfig) -> tuple[Any, Any]:
+    """(abstract params as ShapeDtypeStructs, logical axis names per leaf), with no allocation."""
+    boxed = jax.eval_shape(lambda rng: _boxed_init(cfg, rng), jax.random.key(0))
+    names = jax.tree.map(lambda b: tuple(b.names), boxed,
+                         is_leaf=lambda b: isinstance(b, nn.Partitioned))
+    return nn.meta.unbox(boxed), names
+
+
+def param_shardings(cfg: LlamaConfig, mesh) -> Any:
+    """NamedSharding per parameter from the logical-axis table; checks every dim divides."""
+    abstract, names = param_specs(cfg)
+    return sharding.tree_shardings(names, abstract, mesh)
+
+
+def init_params(cfg: LlamaConfig, mesh, seed: int = 0) -> Params:
+    """Random parameters, created already sharded (never whole on one device)."""
+    shardings = param_shardings(cfg, mesh)
+    init = jax.jit(lambda rng: nn.meta.unbox(_boxed_init(cfg, rng)), out_shardings=shardings)
+    return init(jax.random.key(seed))
+
+
+def stack_layers(params: Params, num_layers: int) -> Params:
+    """layers_0..layers_{L-1} -> one 'layers' subtree with a leading L axis."""
+    per_layer = [params[f'layers_{i}'] for i in range(num_layers)]
+    out = {k: v for k, v in params.items() if not k.startswith('layers_')}
+    out['layers'] = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)
+    return out
+
+
+def unstack_layers(params: Params, num_layers: int) -> Params:
+    """The inverse of stack_layers."""
+    out = {k: v for k, v in params.items() if k != 'layers'}
+    for i in range(num_layers):
+        out[f'layers_{i}'] = jax.tree.map(lambda x, i=i: x[i], params['layers'])
+    return out
+
+
+def to_layout(params: Params, cfg: LlamaConfig) -> Params:
+    """Params in either layout -> the layout ``cfg.scan_layers`` needs."""
+    stacked = 'layers' in params
+    if cfg.scan_layers and not stacked:
+        return stack_layers(params, cfg.num_layers)
+    if not cfg.scan_layers and stacked:
+        return unstack_layers(params, cfg.num_layers)
+    return params

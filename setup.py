@@ -1,0 +1,41 @@
+from setuptools import find_packages, setup
+
+setup(
+    name='meditron_jax',
+    version='0.1.0',
+    description='Continued pretraining of Llama-2 on medical text, in JAX/Flax',
+    python_requires='>=3.11',
+    packages=find_packages(include=['meditron_jax', 'meditron_jax.*', 'configs']),
+    package_data={'meditron_jax': ['data/corpus/*/*.jsonl']},
+    install_requires=[
+        # Ranges are the versions this code is tested with (see ../shared/STACK.md).
+        'jax>=0.10.2,<0.11',
+        'flax>=0.12.8,<0.13',
+        'optax>=0.2.8,<0.3',
+        'orbax-checkpoint>=0.12.8,<0.13',
+        'grain>=0.2.18,<0.3',
+        'array-record>=0.8.6,<0.9',
+        'tensorstore>=0.1.86,<0.2',
+        'sentencepiece>=0.2.0,<0.3',
+        'ml-collections>=1.1.0,<2',
+        'numpy>=2.0,<3',
+        'absl-py>=2.1,<3',
+        'tqdm>=4.66,<5',             # progress bars
+        'tensorboardX>=2.6,<3',      # TensorBoard event files without TensorFlow
+        'datasketch>=1.6,<3',        # MinHash LSH near-duplicate detection
+    ],
+    extras_require={
+        # Weight conversion and the parity tests. CI pins torch==2.13.0 (a CPU build).
+        'torch': ['torch>=2.4', 'safetensors>=0.4', 'transformers>=4.45'],
+        'dev': ['pytest>=8', 'pytest-xdist>=3.5'],
+        'gpu': ['jax[cuda12]>=0.10.2,<0.11'],
+    },
+    entry_points={
+        'console_scripts': [
+            'meditron-train=meditron_jax.train:run',
+            'meditron-prepare=meditron_jax.data.prepare:run',
+            'meditron-convert=meditron_jax.convert.cli:run',
+            'meditron-plan=meditron_jax.plan:run',
+        ],
+    },
+)
