@@ -1,0 +1,133 @@
+"""Training checkpoints: an orbax CheckpointManager in ``<workdir>/checkpoints``.
+
+Each step directory holds four items:
+    params     the model parameters (canonical stacked layout, see model.py)
+    opt_state  the optimizer state (sharded like the parameters)
+    data       the grain iterator state, one JSON per process (grain.checkpoint)
+    config     the resolved run config (JSON)
+The step number is the directory name. Saves are asynchronous: ``save`` returns once the arrays
+are copied off the devices, and orbax writes to ``<step>.orbax-checkpoint-tmp`` before renaming,
+so a crash mid-save leaves nothing that looks complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+# Keys whose change makes a checkpoint unusable: the shapes of what was saved.
+SHAPE_KEYS = ('vocab_size', 'hidden_size', 'num_layers', 'num_heads', 'num_kv_heads', 'mlp_dim',
+              'param_dtype')
+
+
+def make_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(
+        os.path.join(os.path.abspath(workdir), 'checkpoints'),
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+        item_names=('params', 'opt_state', 'data', 'config'))
+
+
+def save(manager: ocp.CheckpointManager, step: int, params: Any, opt_state: Any,
+         data_iterator: Any, config: dict) -> float:
+    """Starts an async save of one step; returns how long the call blocked, in seconds."""
+    start = time.perf_counter()
+    manager.save(step, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(params),
+        opt_state=ocp.args.StandardSave(opt_state),
+        data=grain.checkpoint.CheckpointSave(data_iterator),
+        config=ocp.args.JsonSave(config)))
+    return time.perf_counter() - start
+
+
+def restore_latest(manager: ocp.CheckpointManager, abstract_params: Any, abstract_opt_state: Any,
+                   data_iterator: Any) -> tuple[int, Any, Any, dict] | None:
+    """Restores the newest readable step: (step, params, opt_state, saved config), or None.
+
+    A step that fails to restore (files deleted or corrupted after it completed) is reported and
+    the previous one tried. Arrays are placed with the shardings in the abstract targets, so a
+    checkpoint saved on one mesh restores onto another.
+    """
+    steps = sorted(manager.all_steps(), reverse=True)
+    for step in steps:
+        try:
+            restored = manager.restore(step, args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(abstract_params),
+                opt_state=ocp.args.StandardRestore(abstract_opt_state),
+                data=grain.checkpoint.CheckpointRestore(data_iterator),
+                config=ocp.args.JsonRestore()))
+        except Exception as e:  # noqa: BLE001 - any unreadable step falls back to the previous
+            logging.warning('checkpoint step %d in %s could not be restored (%s: %s); trying the '
+                            'previous step', step, manager.directory, type(e).__name__,
+                            str(e).splitlines()[0][:300] if str(e) else '')
+            continue
+        return step, restored['params'], restored['opt_state'], dict(restored['config'])
+    if steps:
+        raise RuntimeError(f'none of the checkpoint steps {steps} in {manager.directory} could be '
+                           f'restored; move the directory away to start afresh')
+    return None
+
+
+def restore_params(workdir: str, abstract_params: Any, step: int | None = None
+                   ) -> tuple[int, Any, dict]:
+    """Params and config of a training workdir's latest (or given) complete step."""
+    manager = ocp.CheckpointManager(
+        os.path.join(os.path.abspath(workdir), 'checkpoints'),
+        options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+        item_names=('params', 'opt_state', 'data', 'config'))
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f'{workdir}/checkpoints holds no complete checkpoint step')
+    restored = manager.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(abstract_params), config=ocp.args.JsonRestore()))
+    manager.close()
+    return step, restored['params'], dict(restored['config'])
+
+
+def read_config(workdir: str, step: int | None = None) -> tuple[int, dict]:
+    """The resolved config saved with a workdir's latest (or given) step."""
+    manager = ocp.CheckpointManager(
+        os.path.join(os.path.abspath(workdir), 'checkpoints'),
+        options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+        item_names=('params', 'opt_state', 'data', 'config'))
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f'{workdir}/checkpoints holds no complete checkpoint step')
+    config = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+    manager.close()
+    return step, dict(config['config'])
+
+
+def config_differences(saved: dict, current: dict, prefix: str = '') -> dict[str, tuple]:
+    """Flattened {key: (saved, current)} for every key whose value differs."""
+    out = {}
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key), current.get(key)
+        name = f'{prefix}{key}'
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.update(config_differences(a, b, name + '.'))
+        elif a != b and not (isinstance(a, (list, tuple)) and list(a) == list(b or [])):
+            out[name] = (a, b)
+    return out
+
+
+def check_compatible(saved: dict, current: dict) -> dict[str, tuple]:
+    """Raises if the model shape changed; returns the other (allowed) differences."""
+    diffs = config_differences(saved, current)
+    shape = {k: v for k, v in diffs.items()
+             if k.startswith('model.') and k.split('.', 1)[1] in SHAPE_KEYS}
+    if shape:
+        detail = ', '.join(f'{k}: checkpoint {a!r} vs config {b!r}' for k, (a, b) in shape.items())
+        raise ValueError(f'the config does not match the checkpoint\'s model shape ({detail}); '
+                         f'use a new --workdir, or train.init_from for a params-only start')
+    return diffs
+
+
+def wait(manager: ocp.CheckpointManager) -> None:
+    manager.wait_until_finished()
+    jax.effects_barrier()

@@ -1,0 +1,399 @@
+"""meditron-train: continued pretraining of a Llama-2, from one CPU to a GPU cluster.
+
+    meditron-train --config configs/debug.py --workdir runs/debug [--config.train.steps=50]
+
+The core is ``train_step(state, batch) -> (state, metrics)``, a pure function jitted once with
+explicit shardings and a donated state. ``train`` is the loop around it, in labelled steps:
+distributed setup, data, state (resume / init_from / random), compile, then step / log / evaluate
+/ checkpoint until done or preempted. Re-running the same command on the same workdir resumes
+from the latest complete checkpoint, data order included.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import app, flags
+from jax.experimental import multihost_utils
+from ml_collections import config_flags
+
+from meditron_jax import checkpoint, model, optim, sharding
+from meditron_jax import metrics as metrics_lib
+from meditron_jax.data import loader, prepare
+
+Array = jax.Array
+
+
+class TrainState(flax.struct.PyTreeNode):
+    step: Array
+    params: Any
+    opt_state: Any
+    skipped: Array            # updates not applied because the loss or gradients were not finite
+    first_nonfinite: Array    # the first such step (-1: none); train.nonfinite='error' reports it
+
+
+class NonFiniteError(FloatingPointError):
+    pass
+
+
+# ------------------------------------------------------------------------- pure functions
+
+
+def loss_terms(params, cfg: model.LlamaConfig, batch: dict) -> tuple[Array, Array]:
+    """(summed next-token loss, number of predicted tokens) for one packed batch.
+
+    Rows hold seq_len + 1 tokens; a token is predicted only from the same document (segment).
+    """
+    tokens, segments, positions = batch['tokens'], batch['segment_ids'], batch['positions']
+    logits = model.forward(params, cfg, tokens[:, :-1], positions[:, :-1], segments[:, :-1])
+    weights = (segments[:, 1:] == segments[:, :-1]) & (segments[:, 1:] != 0)
+    return model.cross_entropy(logits, tokens[:, 1:], weights)
+
+
+def _split_micro(batch: dict, k: int) -> dict:
+    """(B, ...) -> (k, B/k, ...) taking every k-th row, so each device's rows stay local."""
+    def split(x):
+        b = x.shape[0]
+        return x.reshape(b // k, k, *x.shape[1:]).swapaxes(0, 1)
+    return jax.tree.map(split, batch)
+
+
+def train_step(state: TrainState, batch: dict, *, cfg: model.LlamaConfig,
+               optimizer: optax.GradientTransformation, schedule: optax.Schedule,
+               grad_accum_steps: int) -> tuple[TrainState, dict]:
+    """One optimizer step over the global batch, accumulating over micro-batches in a scan."""
+    grad_fn = jax.value_and_grad(functools.partial(loss_terms, cfg=cfg), has_aux=True)
+    if grad_accum_steps == 1:
+        (loss_sum, count), grads = grad_fn(state.params, batch=batch)
+    else:
+        def micro_step(carry, micro):
+            (l, c), g = grad_fn(state.params, batch=micro)
+            acc_l, acc_c, acc_g = carry
+            return (acc_l + l, acc_c + c, jax.tree.map(jnp.add, acc_g, g)), None
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+        (loss_sum, count, grads), _ = jax.lax.scan(
+            micro_step, (jnp.float32(0), jnp.float32(0), zeros),
+            _split_micro(batch, grad_accum_steps))
+    denom = jnp.maximum(count, 1.0)
+    grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, state.params)
+    loss = loss_sum / denom
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    # A non-finite update is never applied. The loop then stops (nonfinite='error', naming the
+    # first bad step, checked at log steps so the host never waits on a step) or goes on.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    step = state.step + 1
+    new_state = state.replace(
+        step=step, params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state),
+        skipped=state.skipped + (~finite).astype(jnp.int32),
+        first_nonfinite=jnp.where((state.first_nonfinite < 0) & ~finite, step,
+                                  state.first_nonfinite))
+    metrics = dict(loss=loss, grad_norm=grad_norm, lr=schedule(state.step), tokens=count,
+                   skipped=new_state.skipped, first_nonfinite=new_state.first_nonfinite)
+    return new_state, metrics
+
+
+def eval_step(params, batch: dict, *, cfg: model.LlamaConfig) -> dict:
+    loss_sum, count = loss_terms(params, cfg, batch)
+    return dict(loss_sum=loss_sum, tokens=count)
+
+
+# ------------------------------------------------------------------------ setup helpers
+
+
+def model_config(config: ml_collections.ConfigDict) -> model.LlamaConfig:
+    return model.LlamaConfig(**config.model.to_dict())
+
+
+def abstract_state(cfg: model.LlamaConfig, optimizer, mesh) -> tuple[TrainState, TrainState]:
+    """(abstract TrainState with shardings, the TrainState of shardings)."""
+    param_shardings = model.param_shardings(cfg, mesh)
+    abstract_params, _ = model.param_specs(cfg)
+    abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
+    replicated = sharding.replicated(mesh)
+    opt_shardings = optax.tree_map_params(
+        optimizer, lambda _, s: s, abstract_opt, param_shardings,
+        transform_non_params=lambda _: replicated,
+        is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+    scalar = jax.ShapeDtypeStruct((), jnp.int32)
+    shardings = TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings,
+                           skipped=replicated, first_nonfinite=replicated)
+    abstract = TrainState(step=scalar, params=abstract_params, opt_state=abstract_opt,
+                          skipped=scalar, first_nonfinite=scalar)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            abstract, shardings)
+    return abstract, shardings
+
+
+def make_state(step: int, params, opt_state, shardings: TrainState) -> TrainState:
+    """A state at `step` around (already sharded) params and optimizer state."""
+    put = lambda x, s: jax.device_put(jnp.int32(x), s)
+    return TrainState(step=put(step, shardings.step), params=params, opt_state=opt_state,
+                      skipped=put(0, shardings.skipped),
+                      first_nonfinite=put(-1, shardings.first_nonfinite))
+
+
+def fresh_state(params, optimizer, shardings: TrainState) -> TrainState:
+    """A step-0 state around given (already sharded) params, with a fresh optimizer."""
+    opt_state = jax.jit(optimizer.init, out_shardings=shardings.opt_state)(params)
+    return make_state(0, params, opt_state, shardings)
+
+
+def compile_steps(config, cfg, optimizer, schedule, shardings: TrainState, mesh):
+    """The jitted train and eval steps, with explicit in/out shardings and a donated state."""
+    batch_sharding = sharding.batch_sharding(mesh)
+    batch_shardings = {k: batch_sharding for k in ('tokens', 'segment_ids', 'positions')}
+    step_fn = jax.jit(
+        functools.partial(train_step, cfg=cfg, optimizer=optimizer, schedule=schedule,
+                          grad_accum_steps=int(config.optim.grad_accum_steps)),
+        in_shardings=(shardings, batch_shardings),
+        out_shardings=(shardings, sharding.replicated(mesh)),
+        donate_argnums=0)
+    eval_fn = jax.jit(functools.partial(eval_step, cfg=cfg),
+                      in_shardings=(shardings.params, batch_shardings),
+                      out_shardings=sharding.replicated(mesh))
+    return step_fn, eval_fn
+
+
+def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
+    """Checks that cut across sections, with the keys named."""
+    gbs, k = int(config.data.global_batch_size), int(config.optim.grad_accum_steps)
+    dp = sharding.data_parallel_size(mesh)
+    if k < 1 or gbs % k:
+        raise ValueError(f'optim.grad_accum_steps={k} must divide data.global_batch_size={gbs}')
+    if (gbs // k) % dp:
+        raise ValueError(f'the micro-batch data.global_batch_size / optim.grad_accum_steps = '
+                         f'{gbs // k} must be a multiple of the data-parallel size {dp} '
+                         f'(mesh.data x mesh.fsdp)')
+    if gbs % jax.process_count():
+        raise ValueError(f'data.global_batch_size={gbs} must divide over '
+                         f'{jax.process_count()} processes')
+    if config.data.seq_len > config.model.max_seq_len:
+        raise ValueError(f'data.seq_len={config.data.seq_len} exceeds '
+                         f'model.max_seq_len={config.model.max_seq_len}')
+    if config.train.nonfinite not in ('error', 'skip'):
+        raise ValueError(f"train.nonfinite={config.train.nonfinite!r}, expected 'error' or 'skip'")
+
+
+def maybe_initialize_distributed(coordinator: str = '', num_processes: int = 0,
+                                 process_id: int = -1) -> None:
+    """Joins a multi-process job: explicit coordinator flags/env, or SLURM's variables."""
+    coordinator = coordinator or os.environ.get('MEDITRON_COORDINATOR', '')
+    num_processes = num_processes or int(os.environ.get('MEDITRON_NUM_PROCESSES', '0'))
+    if process_id < 0:
+        process_id = int(os.environ.get('MEDITRON_PROCESS_ID', '-1'))
+    if coordinator:
+        if num_processes < 1 or process_id < 0:
+            raise ValueError(f'--coordinator={coordinator} needs --num_processes and '
+                             f'--process_id (got {num_processes}, {process_id})')
+        jax.distributed.initialize(coordinator, num_processes=num_processes,
+                                   process_id=process_id)
+    elif int(os.environ.get('SLURM_NTASKS', '1')) > 1 and 'SLURM_JOB_ID' in os.environ:
+        jax.distributed.initialize()  # coordinator, process count and id from SLURM
+
+
+class _Preemption:
+    """Turns SIGTERM / SIGINT into a flag the loop checks after each step."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        logging.warning('received %s: finishing the current step, then saving and exiting',
+                        signal.Signals(signum).name)
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def any_process(self) -> bool:
+        if jax.process_count() == 1:
+            return self.requested
+        flags_all = multihost_utils.process_allgather(np.array(self.requested))
+        return bool(np.any(flags_all))
+
+
+def _init_params(config, cfg, mesh):
+    if config.train.init_from:
+        from meditron_jax import params_checkpoint
+        source_cfg = params_checkpoint.read_config(config.train.init_from)
+        mismatch = {k: (getattr(source_cfg, k), getattr(cfg, k)) for k in checkpoint.SHAPE_KEYS
+                    if k != 'param_dtype' and getattr(source_cfg, k) != getattr(cfg, k)}
+        if mismatch:
+            raise ValueError(f'train.init_from={config.train.init_from}: model shape differs from '
+                             f'the config: ' + ', '.join(f'model.{k}: checkpoint {a} vs config {b}'
+                                                         for k, (a, b) in mismatch.items()))
+        params, _ = params_checkpoint.load_params(config.train.init_from,
+                                                  shardings=model.param_shardings(cfg, mesh))
+        params = jax.tree.map(lambda p: p.astype(jnp.dtype(cfg.param_dtype)), params)
+        logging.info('initialised params from %s', config.train.init_from)
+        return params
+    return model.init_params(cfg, mesh, seed=int(config.train.seed))
+
+
+# ------------------------------------------------------------------------------ the loop
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
+    """Runs (or resumes) training; returns the metrics logged by this call."""
+    # 1. Mesh and model.
+    cfg = model_config(config)
+    mesh = sharding.make_mesh(config.mesh)
+    validate_config(config, mesh)
+    is_primary = jax.process_index() == 0
+    os.makedirs(workdir, exist_ok=True)
+    logging.info('mesh %s over %d devices (%d processes); model %.1fM params',
+                 dict(mesh.shape), mesh.size, jax.process_count(), cfg.num_params() / 1e6)
+
+    # 2. Data: prepare the corpus on first use (process 0), then the grain iterators.
+    data_dir = config.data.dir or os.path.join(workdir, 'data')
+    if is_primary and not prepare.is_prepared(data_dir):
+        prepare.prepare(config.data, data_dir)
+    multihost_utils.sync_global_devices('data prepared')
+    train_iter = loader.make_train_iterator(
+        config.data, data_dir, seed=int(config.data.shuffle_seed),
+        process_index=jax.process_index(), process_count=jax.process_count())
+
+    # 3. State: resume from the workdir, else init_from, else random.
+    steps = int(config.train.steps)
+    schedule = optim.lr_schedule(config.optim, steps)
+    optimizer = optim.make_optimizer(config.optim, steps)
+    abstract, shardings = abstract_state(cfg, optimizer, mesh)
+    manager = checkpoint.make_manager(workdir, int(config.checkpoint.keep))
+    config_dict = config.to_dict()
+    restored = checkpoint.restore_latest(manager, abstract.params, abstract.opt_state, train_iter)
+    if restored is not None:
+        start, params, opt_state, saved_config = restored
+        changed = checkpoint.check_compatible(saved_config, config_dict)
+        if changed:
+            logging.warning('resuming with config changes: %s', changed)
+        state = make_state(start, params, opt_state, shardings)
+        logging.info('resumed from step %d of %s', start, manager.directory)
+    else:
+        start = 0
+        state = fresh_state(_init_params(config, cfg, mesh), optimizer, shardings)
+    if is_primary:
+        with open(os.path.join(workdir, 'config.json'), 'w') as f:
+            json.dump(config_dict, f, indent=2)
+
+    # 4. Compile once.
+    step_fn, eval_fn = compile_steps(config, cfg, optimizer, schedule, shardings, mesh)
+    tokens_per_step = int(config.data.global_batch_size) * int(config.data.seq_len)
+    flops_per_step = cfg.flops_per_token(int(config.data.seq_len)) * tokens_per_step
+    peak_flops = float(config.train.peak_flops_per_device) * mesh.size
+    writer = metrics_lib.MetricsWriter(workdir, enabled=is_primary, resume_step=start)
+    progress = metrics_lib.Progress(start, steps)
+
+    def evaluate(step: int) -> dict:
+        eval_iter = loader.make_eval_iterator(config.data, data_dir,
+                                              process_index=jax.process_index(),
+                                              process_count=jax.process_count())
+        loss_sum = count = 0.0
+        for _ in range(int(config.train.eval_steps)):
+            out = jax.device_get(eval_fn(state.params, loader.to_global_batch(next(eval_iter),
+                                                                                mesh)))
+            loss_sum, count = loss_sum + float(out['loss_sum']), count + float(out['tokens'])
+        return dict(step=step, val_loss=loss_sum / max(count, 1.0))
+
+    def save(step: int) -> float:
+        return checkpoint.save(manager, step, state.params, state.opt_state, train_iter,
+                               config_dict)
+
+    # 5. The loop: step, log, evaluate, checkpoint; stop early on SIGTERM / SIGINT.
+    logged = []
+    step = start
+    last_log_time, last_log_step, block_sec = time.perf_counter(), start, 0.0
+    with jax.set_mesh(mesh), _Preemption() as preemption:
+        while step < steps:
+            batch = loader.to_global_batch(next(train_iter), mesh)
+            state, step_metrics = step_fn(state, batch)
+            step += 1
+
+            if step % int(config.train.log_every) == 0 or step == steps:
+                m = jax.device_get(step_metrics)
+                if m['first_nonfinite'] >= 0 and config.train.nonfinite == 'error':
+                    raise NonFiniteError(
+                        f'step {int(m["first_nonfinite"])}: non-finite loss or gradient norm '
+                        f'(that update and later ones were not applied; last loss {m["loss"]}, '
+                        f'grad norm {m["grad_norm"]}). Set train.nonfinite=skip to skip such '
+                        f'updates and go on')
+                now = time.perf_counter()
+                sec_per_step = (now - last_log_time) / (step - last_log_step)
+                last_log_time, last_log_step = now, step
+                row = dict(step=step, loss=float(m['loss']), perplexity=float(np.exp(
+                    min(float(m['loss']), 50.0))), lr=float(m['lr']),
+                    grad_norm=float(m['grad_norm']), tokens_per_sec=tokens_per_step / sec_per_step,
+                    step_time_sec=sec_per_step,
+                    mfu=flops_per_step / sec_per_step / peak_flops,
+                    skipped_updates=int(m['skipped']), checkpoint_block_sec=block_sec)
+                writer.write(row)
+                logged.append(row)
+                progress.log(row)
+
+            if int(config.train.eval_every) and step % int(config.train.eval_every) == 0:
+                row = evaluate(step)
+                writer.write(row)
+                logged.append(row)
+                progress.log(row)
+
+            stop = preemption.any_process()
+            if step % int(config.checkpoint.every) == 0 or step == steps or stop:
+                block_sec = save(step)
+            if stop:
+                logging.warning('preempted: saved step %d, exiting', step)
+                break
+
+    checkpoint.wait(manager)
+    manager.close()
+    writer.close()
+    return logged
+
+
+# -------------------------------------------------------------------------------- command
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a get_config() file.')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and data.')
+_COORDINATOR = flags.DEFINE_string('coordinator', '', 'host:port of process 0 (multi-process).')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', 0, 'Processes in the job.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', -1, 'This process\'s index.')
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    if _CONFIG.value is None or not _WORKDIR.value:
+        raise app.UsageError('--config and --workdir are required')
+    maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    train(_CONFIG.value, _WORKDIR.value)
+
+
+def run():
+    """Console entry point (meditron-train)."""
+    logging.getLogger().setLevel(logging.INFO)
+    app.run(main)
+
+
+if __name__ == '__main__':
+    sys.exit(run())
