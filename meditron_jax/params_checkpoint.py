@@ -1,0 +1,470 @@
+"""Params-only checkpoints: what ``meditron-convert`` writes, ``train.init_from`` and
+``meditron_jax.load`` read, and the export commands turn back into torch files.
+
+On disk (``DST/``)::
+
+    meditron_params.json   {"format": "meditron_jax.params", "version": 1,
+                            "model": {LlamaConfig fields}, "true_vocab_size": int,
+                            "dtype": "bfloat16", "source": "...", "token_ids": {...}}
+    params/                an orbax PyTree checkpoint of the canonical stacked params
+                           (model.py's scheme): restorable with plain orbax, e.g.
+                           ocp.StandardCheckpointer().restore(DST/'params', targets)
+                           with jax.ShapeDtypeStruct(shape, dtype, sharding=...) targets,
+                           which reshards onto any mesh.
+
+``model.vocab_size`` is the number of embedding rows (padded, e.g. to a multiple of 128, so
+that the vocab dimension shards evenly); ``true_vocab_size`` is the tokenizer's size. Rows
+``true_vocab_size..vocab_size`` of ``embed/embedding`` and the matching columns of
+``lm_head/kernel`` are padding: written as zeros on import, dropped on export.
+
+Two writers produce ``params/``, for two kinds of input:
+
+* ``save_params(path, params, cfg)``: a tree of (possibly sharded, multi-host) jax.Arrays already
+  in device memory. It is orbax's own save (OCDBT, each process writes its shards).
+* ``ParamsWriter``: streaming, for the converters. A 70B model's stacked leaves are far larger
+  than host memory allows (``layers/mlp/gate/kernel`` is (80, 8192, 28672), 37.6 GB in bf16),
+  so the writer never builds a leaf: it creates each leaf's zarr3 array with the tensorstore
+  spec orbax itself builds (``ArrayWriteSpec``, no OCDBT, one chunk per layer slice, zstd), writes
+  one layer slice at a time through tensorstore, and at the end writes orbax's ``_METADATA``
+  (``InternalTreeMetadata``) and ``_CHECKPOINT_METADATA``. Peak host memory is about two layer
+  slices (one being written while the next is read).
+
+Readers: ``load_params`` restores through orbax onto the given shardings (each device reads its
+own slice; no whole tensor is materialised on the host), and ``ParamsReader`` reads one layer
+slice at a time (the exporters), for checkpoints from either writer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+
+from meditron_jax import model as model_lib
+
+FORMAT = 'meditron_jax.params'
+VERSION = 1
+META_FILE = 'meditron_params.json'
+PARAMS_DIR = 'params'
+
+
+class ParamsCheckpointError(ValueError):
+    """A params checkpoint that is missing, incomplete or does not match its config."""
+
+
+# ----------------------------------------------------------------------------- layout helpers
+
+
+def leaf_name(path: tuple) -> str:
+    """'layers.mlp.gate.kernel' for a jax key path: orbax's name for the leaf's array."""
+    return '.'.join(str(getattr(k, 'key', k)) for k in path)
+
+
+def leaf_shapes(cfg: model_lib.LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """Every leaf of the canonical stacked params, by orbax name, with its shape."""
+    abstract, _ = model_lib.param_specs(cfg.replace(scan_layers=True))
+    flat, _ = jax.tree_util.tree_flatten_with_path(abstract)
+    return {leaf_name(path): tuple(leaf.shape) for path, leaf in flat}
+
+
+def is_stacked(name: str) -> bool:
+    """Leaves under 'layers' carry a leading layer axis and are written one layer at a time."""
+    return name.startswith('layers.')
+
+
+def _nest(flat: Mapping[str, Any]) -> dict:
+    tree: dict = {}
+    for name, value in flat.items():
+        node = tree
+        *parents, last = name.split('.')
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return tree
+
+
+def config_to_json(cfg: model_lib.LlamaConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def config_from_json(d: Mapping[str, Any], where: str = '') -> model_lib.LlamaConfig:
+    fields = {f.name for f in dataclasses.fields(model_lib.LlamaConfig)}
+    unknown = sorted(set(d) - fields)
+    if unknown:
+        raise ParamsCheckpointError(f'{where}: unknown model config keys {unknown}; '
+                                    f'known: {sorted(fields)}')
+    return model_lib.LlamaConfig(**d)
+
+
+# ------------------------------------------------------------------------------ destination
+
+
+def prepare_destination(path: str | os.PathLike, force: bool) -> tuple[str, str]:
+    """Refuses a non-empty destination unless ``force``; returns (final path, fresh temp dir).
+
+    The temp dir is a sibling (same filesystem), so ``finish_destination`` is a rename.
+    """
+    path = os.path.abspath(os.fspath(path))
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            raise FileExistsError(f'destination {path} exists and is not a directory')
+        if os.listdir(path) and not force:
+            raise FileExistsError(f'destination {path} exists and is not empty; '
+                                  f'pass --force (force=True) to replace it')
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f'.{os.path.basename(path)}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}')
+    os.makedirs(tmp)
+    return path, tmp
+
+
+def finish_destination(tmp: str, path: str) -> None:
+    """Moves a complete temp dir into place, replacing an old destination (checked before)."""
+    if os.path.exists(path):
+        old = tmp + '.old'
+        os.rename(path, old)
+        os.rename(tmp, path)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, path)
+
+
+def _write_meta(directory: str, cfg: model_lib.LlamaConfig, true_vocab_size: int | None,
+                extra: Mapping[str, Any] | None) -> None:
+    true_vocab_size = cfg.vocab_size if true_vocab_size is None else int(true_vocab_size)
+    if not 0 < true_vocab_size <= cfg.vocab_size:
+        raise ParamsCheckpointError(f'true_vocab_size={true_vocab_size} must be in '
+                                    f'1..vocab_size={cfg.vocab_size}')
+    meta = dict(format=FORMAT, version=VERSION, model=config_to_json(cfg),
+                true_vocab_size=true_vocab_size, dtype=cfg.param_dtype, **(extra or {}))
+    with open(os.path.join(directory, META_FILE), 'w') as f:
+        json.dump(meta, f, indent=2)
+
+
+# ---------------------------------------------------------------------------------- reading
+
+
+def is_params_checkpoint(path: str | os.PathLike) -> bool:
+    return os.path.isfile(os.path.join(os.fspath(path), META_FILE))
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    """The whole ``meditron_params.json`` (config, true vocab size, dtype, provenance)."""
+    meta_path = os.path.join(os.fspath(path), META_FILE)
+    if not os.path.isfile(meta_path):
+        raise ParamsCheckpointError(
+            f'{path} is not a params checkpoint: {META_FILE} is missing (write one with '
+            f'meditron-convert import-hf/import-meta or params_checkpoint.save_params)')
+    with open(meta_path) as f:
+        meta = json.load(f)
+    if meta.get('format') != FORMAT or meta.get('version') != VERSION:
+        raise ParamsCheckpointError(f'{meta_path}: format {meta.get("format")!r} version '
+                                    f'{meta.get("version")!r}, expected {FORMAT!r} {VERSION}')
+    return meta
+
+
+def read_config(path: str | os.PathLike) -> model_lib.LlamaConfig:
+    """The LlamaConfig stored with the params (vocab_size = embedding rows, padding included)."""
+    return config_from_json(read_metadata(path)['model'], os.path.join(os.fspath(path), META_FILE))
+
+
+def _stored_shapes(params_dir: str) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    import orbax.checkpoint as ocp
+    meta = ocp.StandardCheckpointer().metadata(params_dir)
+    tree = getattr(meta, 'item_metadata', meta)
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {leaf_name(p): (tuple(m.shape), np.dtype(m.dtype)) for p, m in flat}
+
+
+def check_stored_shapes(path: str, cfg: model_lib.LlamaConfig) -> dict[str, np.dtype]:
+    """Names and shapes on disk must be exactly the config's; returns each leaf's stored dtype."""
+    stored = _stored_shapes(os.path.join(path, PARAMS_DIR))
+    expected = leaf_shapes(cfg)
+    missing = [f'{n} {expected[n]}' for n in expected if n not in stored]
+    extra = [f'{n} {stored[n][0]}' for n in stored if n not in expected]
+    wrong = [f'{n}: stored {stored[n][0]}, config needs {expected[n]}'
+             for n in expected if n in stored and stored[n][0] != expected[n]]
+    if missing or extra or wrong:
+        raise ParamsCheckpointError(
+            f'{path}: params do not match {META_FILE}: missing {missing}, unexpected {extra}, '
+            f'wrong shape {wrong}')
+    return {n: stored[n][1] for n in expected}
+
+
+def load_params(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = None,
+                shardings: Any = None, dtype: str | None = None
+                ) -> tuple[model_lib.Params, model_lib.LlamaConfig]:
+    """(params in the canonical stacked layout as jax.Arrays, LlamaConfig).
+
+    Placement: ``shardings`` (a tree like the params) if given, else
+    ``model.param_shardings(cfg, mesh)`` for a mesh, else the first device. Each device reads
+    only its own slice through orbax/tensorstore. ``dtype`` casts on read (default: as stored,
+    which is what the returned config's ``param_dtype`` says).
+    """
+    path = os.path.abspath(os.fspath(path))
+    cfg = read_config(path).replace(scan_layers=True)
+    stored_dtypes = check_stored_shapes(path, cfg)
+    if dtype is not None:
+        cfg = cfg.replace(param_dtype=jax.numpy.dtype(dtype).name)
+    abstract, _ = model_lib.param_specs(cfg)
+    if shardings is None:
+        if mesh is not None:
+            shardings = model_lib.param_shardings(cfg, mesh)
+        else:
+            device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            shardings = jax.tree.map(lambda _: device, abstract)
+
+    def target(p, leaf, sharding):
+        dt = leaf.dtype if dtype is not None else stored_dtypes[leaf_name(p)]
+        return jax.ShapeDtypeStruct(leaf.shape, dt, sharding=sharding)
+
+    targets = jax.tree_util.tree_map_with_path(target, abstract, shardings)
+    import orbax.checkpoint as ocp
+    with ocp.StandardCheckpointer() as ckptr:
+        params = ckptr.restore(os.path.join(path, PARAMS_DIR), targets)
+    return params, cfg
+
+
+class ParamsReader:
+    """Reads one leaf or one layer slice at a time, as numpy, from either writer's output."""
+
+    def __init__(self, path: str | os.PathLike):
+        from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
+        self.path = os.path.abspath(os.fspath(path))
+        self.meta = read_metadata(self.path)
+        self.config = config_from_json(self.meta['model'], self.path).replace(scan_layers=True)
+        self.true_vocab_size = int(self.meta['true_vocab_size'])
+        self.dtypes = check_stored_shapes(self.path, self.config)
+        self.shapes = leaf_shapes(self.config)
+        params_dir = os.path.join(self.path, PARAMS_DIR)
+        with open(os.path.join(params_dir, '_METADATA')) as f:
+            tree_meta = json.load(f)
+        use_ocdbt = os.path.exists(os.path.join(params_dir, 'manifest.ocdbt'))
+        self._specs = {
+            name: ts_utils.ArrayReadSpec(params_dir, name, use_zarr3=bool(tree_meta['use_zarr3']),
+                                         use_ocdbt=use_ocdbt).json
+            for name in self.shapes}
+        self._context = ts_utils.get_ts_context(use_ocdbt=use_ocdbt)
+        self._open: dict[str, Any] = {}
+
+    def _array(self, name: str):
+        import tensorstore as ts
+        if name not in self._specs:
+            raise KeyError(f'{name!r} is not a parameter; known: {sorted(self._specs)}')
+        if name not in self._open:
+            self._open[name] = ts.open(self._specs[name], read=True,
+                                       context=self._context).result()
+        return self._open[name]
+
+    def read(self, name: str, layer: int | None = None) -> np.ndarray:
+        arr = self._array(name)
+        return np.asarray((arr if layer is None else arr[layer]).read().result())
+
+
+# ---------------------------------------------------------------------------------- writing
+
+
+def save_params(path: str | os.PathLike, params: model_lib.Params, cfg: model_lib.LlamaConfig,
+                *, true_vocab_size: int | None = None, force: bool = False,
+                extra_meta: Mapping[str, Any] | None = None) -> str:
+    """Saves in-memory params (stacked or per-layer layout, jax.Arrays, any sharding, any number
+    of processes) with orbax's own save; all processes call it. Returns the final path."""
+    import orbax.checkpoint as ocp
+    from jax.experimental import multihost_utils
+    if 'layers' not in params:
+        params = model_lib.stack_layers(params, cfg.num_layers)
+    dtypes = {str(np.dtype(x.dtype)) for x in jax.tree.leaves(params)}
+    cfg = cfg.replace(scan_layers=True,
+                      param_dtype=dtypes.pop() if len(dtypes) == 1 else cfg.param_dtype)
+    flat, _ = jax.tree_util.tree_flatten_with_path(params)
+    got = {leaf_name(p): tuple(x.shape) for p, x in flat}
+    _check_names_and_shapes(got, leaf_shapes(cfg), what='params')
+    primary = jax.process_index() == 0
+    # Every process must agree on the temp dir: it is derived from the path, not random.
+    path = os.path.abspath(os.fspath(path))
+    tmp = os.path.join(os.path.dirname(path), f'.{os.path.basename(path)}.tmp-save')
+    if primary:
+        if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)) and not force:
+            raise FileExistsError(f'destination {path} exists and is not empty; pass force=True')
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    multihost_utils.sync_global_devices('meditron_jax.save_params:start')
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(os.path.join(tmp, PARAMS_DIR), params)
+            ckptr.wait_until_finished()
+        if primary:
+            _write_meta(tmp, cfg, true_vocab_size, extra_meta)
+            finish_destination(tmp, path)
+    except BaseException:
+        if primary:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    multihost_utils.sync_global_devices('meditron_jax.save_params:done')
+    return path
+
+
+def _check_names_and_shapes(got: Mapping[str, tuple], expected: Mapping[str, tuple],
+                            what: str) -> None:
+    missing = [f'{n} {s}' for n, s in expected.items() if n not in got]
+    extra = [f'{n} {s}' for n, s in got.items() if n not in expected]
+    wrong = [f'{n}: got {got[n]}, expected {s}' for n, s in expected.items()
+             if n in got and tuple(got[n]) != tuple(s)]
+    if missing or extra or wrong:
+        raise ParamsCheckpointError(f'{what}: missing {missing}, unexpected {extra}, '
+                                    f'wrong shape {wrong}')
+
+
+class ParamsWriter:
+    """Streams a params checkpoint to disk, one leaf or one layer slice at a time.
+
+        with ParamsWriter(dst, cfg, true_vocab_size=32005) as w:
+            w.write('embed.embedding', emb_VxD)
+            for i in range(cfg.num_layers):
+                w.write('layers.mlp.gate.kernel', gate_DxF, layer=i)
+            ...
+        # leaving the block without an error checks completeness and renames into place;
+        # an error removes the temp dir.
+
+    Values are cast to ``cfg.param_dtype``. At most one write is in flight, so the caller reads
+    the next tensor while the previous one is encoded and written.
+    """
+
+    def __init__(self, path: str | os.PathLike, cfg: model_lib.LlamaConfig, *,
+                 true_vocab_size: int | None = None, force: bool = False,
+                 extra_meta: Mapping[str, Any] | None = None, compression: bool = True):
+        self.cfg = cfg.replace(scan_layers=True)
+        self.dtype = np.dtype(jax.numpy.dtype(self.cfg.param_dtype))
+        self.shapes = leaf_shapes(self.cfg)
+        self.true_vocab_size = true_vocab_size
+        self.extra_meta = dict(extra_meta or {})
+        self.compression = compression
+        self.path, self.tmp = prepare_destination(path, force)
+        self.params_dir = os.path.join(self.tmp, PARAMS_DIR)
+        os.makedirs(self.params_dir)
+        self._arrays: dict[str, Any] = {}
+        self._written: dict[str, set[int]] = {n: set() for n in self.shapes}
+        self._pending = None
+        self._init_ns = time.time_ns()
+        self.bytes_written = 0
+
+    def __enter__(self) -> 'ParamsWriter':
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+
+    def abort(self) -> None:
+        self._wait()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def _wait(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+    def _open(self, name: str):
+        import tensorstore as ts
+        from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
+        if name not in self._arrays:
+            shape = self.shapes[name]
+            write_shape = (1,) + shape[1:] if is_stacked(name) else shape
+            spec = ts_utils.ArrayWriteSpec(
+                self.params_dir, name, global_shape=shape, write_shape=write_shape,
+                dtype=self.dtype, use_zarr3=True, use_ocdbt=False,
+                use_compression=self.compression)
+            self._arrays[name] = ts.open(spec.json, create=True, open=False).result()
+        return self._arrays[name]
+
+    def write(self, name: str, value: np.ndarray, layer: int | None = None) -> None:
+        if name not in self.shapes:
+            raise ParamsCheckpointError(f'{name!r} is not a parameter of the model; '
+                                        f'expected one of {sorted(self.shapes)}')
+        shape = self.shapes[name]
+        if is_stacked(name):
+            if layer is None or not 0 <= layer < shape[0]:
+                raise ParamsCheckpointError(f'{name}: layer={layer}, expected 0..{shape[0] - 1}')
+            shape = shape[1:]
+        elif layer is not None:
+            raise ParamsCheckpointError(f'{name} has no layer axis, got layer={layer}')
+        if tuple(value.shape) != shape:
+            where = name if layer is None else f'{name}[{layer}]'
+            raise ParamsCheckpointError(f'{where}: shape {tuple(value.shape)}, expected {shape}')
+        value = np.ascontiguousarray(value, dtype=self.dtype)
+        arr = self._open(name)
+        self._wait()
+        self._pending = (arr if layer is None else arr[layer]).write(value)
+        self._written[name].add(-1 if layer is None else layer)
+        self.bytes_written += value.nbytes
+
+    def missing(self) -> list[str]:
+        out = []
+        for name, done in self._written.items():
+            need = set(range(self.shapes[name][0])) if is_stacked(name) else {-1}
+            lacking = sorted(need - done)
+            if lacking:
+                out.append(name if lacking == [-1] else f'{name} layers {lacking}')
+        return out
+
+    def commit(self) -> str:
+        """Checks every leaf was written, writes orbax's metadata, moves into place."""
+        try:
+            self._wait()
+            missing = self.missing()
+            if missing:
+                raise ParamsCheckpointError(f'{self.path}: nothing written for {missing}')
+            self._write_orbax_metadata()
+            _write_meta(self.tmp, self.cfg, self.true_vocab_size, self.extra_meta)
+            finish_destination(self.tmp, self.path)
+        except BaseException:
+            self.abort()
+            raise
+        return self.path
+
+    def _write_orbax_metadata(self) -> None:
+        from etils import epath
+        from orbax.checkpoint._src.handlers import standard_checkpoint_handler
+        from orbax.checkpoint._src.metadata import checkpoint as checkpoint_metadata
+        from orbax.checkpoint._src.metadata import step_metadata_serialization
+        from orbax.checkpoint._src.metadata import tree as tree_metadata
+        from orbax.checkpoint._src.serialization import types as ocp_types
+
+        parent = epath.Path(self.params_dir)
+        infos = _nest({
+            name: ocp_types.ParamInfo(
+                name=name, parent_dir=parent, value_typestr='jax.Array',
+                write_shape=((1,) + shape[1:]) if is_stacked(name) else shape, use_zarr3=True)
+            for name, shape in self.shapes.items()})
+        tree_meta = tree_metadata.InternalTreeMetadata.build(infos, use_ocdbt=False, use_zarr3=True)
+        with open(os.path.join(self.params_dir, '_METADATA'), 'w') as f:
+            json.dump(tree_meta.to_json(), f)
+        handler = standard_checkpoint_handler.StandardCheckpointHandler
+        step_meta = checkpoint_metadata.StepMetadata(
+            item_handlers=f'{handler.__module__}.{handler.__qualname__}',
+            init_timestamp_nsecs=self._init_ns, commit_timestamp_nsecs=time.time_ns())
+        store = checkpoint_metadata.metadata_store(enable_write=True, blocking_write=True)
+        store.write(file_path=checkpoint_metadata.step_metadata_file_path(self.params_dir),
+                    metadata=step_metadata_serialization.serialize(step_meta))
+
+
+def iter_leaf_slices(params: model_lib.Params) -> Iterator[tuple[str, int | None, Any]]:
+    """(name, layer or None, value) over stacked params, one layer slice at a time."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(params)
+    for path, leaf in flat:
+        name = leaf_name(path)
+        if is_stacked(name):
+            for i in range(leaf.shape[0]):
+                yield name, i, leaf[i]
+        else:
+            yield name, None, leaf
