@@ -44,10 +44,13 @@ def get_config() -> ml_collections.ConfigDict:
         drop_urls=True,
         drop_references=True,       # reference / bibliography sections
         min_chars=200,              # documents shorter than this (after cleaning) are dropped
+        prepend_title=True,         # a JSONL 'title' becomes the first paragraph (as MEDITRON)
     ))
     c.data.dedup = 'exact'          # 'exact' (normalised-text hash), 'minhash' (near dup), 'none'
     c.data.minhash_threshold = 0.8  # Jaccard similarity above which documents are duplicates
     c.data.prepare_workers = 0      # processes for meditron-prepare; 0 = all cores
+    c.data.token_dtype = 'auto'     # shard token ids: 'auto' (uint16 if the vocab fits), 'uint16', 'uint32'
+    c.data.shard_max_tokens = 100_000_000  # tokens per ArrayRecord shard before starting another
     c.data.seq_len = 2048           # tokens per training row (rows hold seq_len + 1 tokens)
     c.data.global_batch_size = 1600  # sequences per optimizer step, over all hosts
     c.data.packing = 'concat'       # 'concat' (Megatron concat-then-split) or 'first_fit'
