@@ -1,0 +1,40 @@
+"""MEDITRON-70B: continued pretraining of Llama-2-70B on GAP-Replay (see ../shared/MEDITRON.md).
+
+    meditron-plan  --config configs/meditron_70b.py           # memory and step time, no GPU
+    sbatch launch/slurm_70b.sh                                 # 16 nodes x 8 GPUs
+
+Recipe: context 4096, 512 sequences (2.1M tokens) a step, lr 1.5e-4, 2000 warmup steps, cosine
+to 10%, bf16 compute. MEDITRON used 2 data x 8 tensor x 8 pipeline stages on 128 A100-80GB; we
+have no pipeline stage and use tensor parallelism over the 8 GPUs of a node (NVLink) and fsdp
+over the 16 nodes: each parameter is split 128 ways, full rematerialisation keeps activations to
+one residual stream per layer. 16 micro-batches of 2 sequences per fsdp rank make a step.
+"""
+
+from configs import base
+
+
+def get_config():
+    c = base.get_config()
+    c.model = base.model_config('llama2_70b')
+    c.model.compute_dtype = 'bfloat16'
+    c.model.remat = 'full'
+    c.model.attention = 'cudnn'
+    c.mesh.update(dict(data=1, fsdp=-1, tensor=8))
+    c.data.sources = [
+        base.source('guidelines', '/data/gap-replay/guidelines/*.jsonl', weight=0.0022,
+                    val_fraction=0.05),
+        base.source('pubmed_abstracts', '/data/gap-replay/abstracts/*.jsonl', weight=0.1139),
+        base.source('pmc_papers', '/data/gap-replay/papers/*.jsonl', weight=0.8752),
+        base.source('replay', '/data/gap-replay/replay/*.jsonl', weight=0.0087, val_fraction=0.0),
+    ]
+    c.data.dir = '/data/gap-replay/prepared'
+    c.data.tokenizer = '/models/llama-2-70b/tokenizer.model'
+    c.data.seq_len = 4096
+    c.data.global_batch_size = 512
+    c.data.worker_count = 4
+    c.optim.update(dict(lr_peak=1.5e-4, lr_min=1.5e-5, warmup_steps=2000, grad_accum_steps=16))
+    c.train.steps = 23000          # 48.1B tokens / 2.1M tokens a step
+    c.train.init_from = '/checkpoints/llama-2-70b'
+    c.train.peak_flops_per_device = 989e12
+    c.checkpoint.every = 250
+    return c

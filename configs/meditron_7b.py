@@ -1,0 +1,43 @@
+"""MEDITRON-7B: continued pretraining of Llama-2-7B on GAP-Replay (see ../shared/MEDITRON.md).
+
+    meditron-plan  --config configs/meditron_7b.py            # memory and step time, no GPU
+    sbatch launch/slurm_7b.sh                                  # 8 nodes x 8 GPUs
+
+Recipe: context 2048, 1600 sequences (3.3M tokens) a step, lr 3e-4 with 2000 warmup steps and
+cosine to 10%, AdamW (0.9, 0.95, 1e-5), weight decay 0.1, clipping 1.0, bf16 compute. Mesh: fsdp
+over the 8 GPUs of a node (parameters, gradients and optimizer state sharded there, all-gathers
+on NVLink), data parallel across nodes. On 8 nodes (64 GPUs) each step is 5 micro-batches of
+5 sequences per GPU. Expect about 45% MFU on H100 (check with meditron-plan and the first
+log lines). Set data.sources to the prepared GAP-Replay files and train.init_from to the
+converted Llama-2-7B (meditron-convert import-hf / import-meta).
+"""
+
+from configs import base
+
+
+def get_config():
+    c = base.get_config()
+    c.model = base.model_config('llama2_7b')
+    c.model.compute_dtype = 'bfloat16'
+    c.model.remat = 'save_dots_no_batch'
+    c.model.attention = 'cudnn'
+    c.model.max_seq_len = 2048
+    c.mesh.update(dict(data=-1, fsdp=8, tensor=1))
+    c.data.sources = [
+        base.source('guidelines', '/data/gap-replay/guidelines/*.jsonl', weight=0.0022,
+                    val_fraction=0.05),
+        base.source('pubmed_abstracts', '/data/gap-replay/abstracts/*.jsonl', weight=0.1139),
+        base.source('pmc_papers', '/data/gap-replay/papers/*.jsonl', weight=0.8752),
+        base.source('replay', '/data/gap-replay/replay/*.jsonl', weight=0.0087, val_fraction=0.0),
+    ]
+    c.data.dir = '/data/gap-replay/prepared'
+    c.data.tokenizer = '/models/llama-2-7b/tokenizer.model'
+    c.data.seq_len = 2048
+    c.data.global_batch_size = 1600
+    c.data.worker_count = 4
+    c.optim.update(dict(lr_peak=3e-4, lr_min=3e-5, warmup_steps=2000, grad_accum_steps=5))
+    c.train.steps = 14600          # 48.1B tokens / 3.3M tokens a step: one epoch
+    c.train.init_from = '/checkpoints/llama-2-7b'
+    c.train.peak_flops_per_device = 989e12
+    c.checkpoint.every = 500
+    return c
