@@ -1,3 +1,47 @@
 """meditron_jax: continued pretraining of Llama-2 on medical text, in JAX/Flax."""
 
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
 __version__ = '0.1.0'
+
+
+@dataclasses.dataclass
+class Model:
+    """Params + config, callable on token ids [B, T] -> float32 logits [B, T, V].
+
+    ``true_vocab_size`` is the tokenizer's size; logits past it belong to padding rows.
+    """
+    config: Any            # model.LlamaConfig
+    params: Any            # canonical stacked params (jax.Arrays)
+    true_vocab_size: int
+
+    def __post_init__(self):
+        import jax
+        from meditron_jax import model as model_lib
+        cfg = self.config.replace(scan_layers=True)
+        self._forward = jax.jit(lambda p, t: model_lib.forward(p, cfg, t))
+
+    def __call__(self, tokens):
+        import jax.numpy as jnp
+        return self._forward(self.params, jnp.asarray(tokens, jnp.int32))
+
+
+def load(path: str | os.PathLike, mesh=None) -> Model:
+    """A params checkpoint (meditron-convert's output, params_checkpoint.save_params) as a Model.
+
+    ``mesh``: place params with model.param_shardings on it (default: the first device).
+    """
+    from meditron_jax import params_checkpoint
+    path = os.fspath(path)
+    if params_checkpoint.is_params_checkpoint(path):
+        params, cfg = params_checkpoint.load_params(path, mesh=mesh)
+        true_vocab = params_checkpoint.read_metadata(path)['true_vocab_size']
+        return Model(config=cfg, params=params, true_vocab_size=true_vocab)
+    # (The training-workdir branch, ``path/checkpoints/<step>/``, goes here.)
+    raise FileNotFoundError(
+        f'{path}: not a params checkpoint (no {params_checkpoint.META_FILE}) nor a training '
+        f'workdir (no checkpoints/ with a complete step)')

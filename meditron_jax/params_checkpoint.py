@@ -440,11 +440,14 @@ class ParamsWriter:
         from orbax.checkpoint._src.metadata import tree as tree_metadata
         from orbax.checkpoint._src.serialization import types as ocp_types
 
+        from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
         parent = epath.Path(self.params_dir)
+        context = ts_utils.get_ts_context(use_ocdbt=False)
         infos = _nest({
             name: ocp_types.ParamInfo(
                 name=name, parent_dir=parent, value_typestr='jax.Array',
-                write_shape=((1,) + shape[1:]) if is_stacked(name) else shape, use_zarr3=True)
+                write_shape=((1,) + shape[1:]) if is_stacked(name) else shape, use_zarr3=True,
+                ts_context=context)
             for name, shape in self.shapes.items()})
         tree_meta = tree_metadata.InternalTreeMetadata.build(infos, use_ocdbt=False, use_zarr3=True)
         with open(os.path.join(self.params_dir, '_METADATA'), 'w') as f:

@@ -1,0 +1,3 @@
+from meditron_jax.convert.cli import run
+
+run()
