@@ -15,30 +15,21 @@ output is incomplete, and a failed run leaves none behind.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import glob
-import multiprocessing
 import os
 import shutil
 import socket
 import sys
-from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-import numpy as np
-from tqdm import tqdm
-
 from meditron_jax.data import clean as clean_lib
+from meditron_jax.data import scan
 from meditron_jax.data import shards as shards_lib
 from meditron_jax.data import tokenizer as tokenizer_lib
-from meditron_jax.data.sources import DataError, Source, parse_chunk, parse_sources, read_chunks
-from meditron_jax.data.sources import resolve_files
+from meditron_jax.data.sources import DataError, Source, parse_sources, resolve_files
 
-LINES_PER_CHUNK = 256               # unit of work for one worker call
 TOKENIZER_TRAIN_CHARS = 300_000_000  # text read to train a tokenizer (the first, in input order)
-SLICES_DIR = 'slices'
-SLICE_MANIFEST = 'slice.json'
 DEDUP_MODES = ('exact', 'minhash', 'none')
 
 
@@ -94,119 +85,6 @@ def _check_matches(manifest: dict, options: dict, data_cfg, where: str) -> None:
                             for k in diff)
         raise DataError(f'{where} was prepared with other options ({details}); re-run with '
                         f'--force (prepare(force=True)) or use another data.dir')
-
-
-# ----------------------------------------------------------------------------- workers
-
-_WORKER: dict[str, Any] = {}
-
-
-def _init_worker(clean_options, dedup: str, text_keys: list[str], tokenizer_path: str | None,
-                 dtype: str | None) -> None:
-    _WORKER.update(clean=clean_options, dedup=dedup, text_keys=text_keys, dtype=dtype,
-                   tokenizer=tokenizer_lib.Tokenizer(tokenizer_path) if tokenizer_path else None)
-
-
-def _work(item: tuple[int, str, int, list[str]]) -> tuple[int, int, clean_lib.CleanStats, list]:
-    """Parses, cleans, hashes (and tokenizes) one chunk.
-
-    Returns (source index, characters read, cleaning counts, [(digest, payload, tokens, sig)]),
-    the payload being the cleaned text, or the token ids' bytes when a tokenizer is loaded.
-    """
-    source_index, path, first_line, lines = item
-    stats = clean_lib.CleanStats()
-    kept = []
-    for doc in parse_chunk(path, first_line, lines, _WORKER['text_keys'][source_index]):
-        text = clean_lib.clean(doc.text, doc.title, _WORKER['clean'], stats)
-        if text is not None:
-            words = clean_lib.dedup_words(text)
-            sig = clean_lib.minhash_signature(words) if _WORKER['dedup'] == 'minhash' else None
-            kept.append([clean_lib.digest(words), text, 0, sig])
-    tokenizer = _WORKER['tokenizer']
-    if tokenizer is not None and kept:
-        dtype = np.dtype(shards_lib.DTYPES[_WORKER['dtype']]).newbyteorder('<')
-        for doc, ids in zip(kept, tokenizer.encode_batch([d[1] for d in kept])):
-            doc[1] = np.asarray(ids, dtype=dtype).tobytes()
-            doc[2] = len(ids)
-    return source_index, sum(map(len, lines)), stats, [tuple(d) for d in kept]
-
-
-def _ordered_map(fn: Callable, items: Iterable, workers: int, initargs: tuple) -> Iterator:
-    """fn over items in order, on ``workers`` processes, with a bounded number in flight."""
-    if workers <= 1:
-        _init_worker(*initargs)
-        yield from map(fn, items)
-        return
-    # spawn, not fork: the caller may have started JAX's threads, which fork would copy broken.
-    with multiprocessing.get_context('spawn').Pool(workers, _init_worker, initargs) as pool:
-        pending = collections.deque()
-        for item in items:
-            pending.append(pool.apply_async(fn, (item,)))
-            if len(pending) >= 4 * workers:
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
-
-
-# ----------------------------------------------------------------------------- the scan
-
-
-@dataclasses.dataclass
-class _SourceCounts:
-    files: int = 0
-    documents_in: int = 0
-    exact_duplicates: int = 0
-    near_duplicates: int = 0
-    clean: clean_lib.CleanStats = dataclasses.field(default_factory=clean_lib.CleanStats)
-
-    def removed(self) -> dict[str, int]:
-        return dict(exact_duplicates=self.exact_duplicates, near_duplicates=self.near_duplicates,
-                    **dataclasses.asdict(self.clean))
-
-
-def _scan(sources: list[Source], files: list[list[str]], data_cfg, workers: int,
-          tokenizer_path: str | None, dtype: str | None, dedup: str,
-          sink: Callable[[int, str, bytes, Any, int], bool], desc: str) -> list[_SourceCounts]:
-    """Runs the workers over every file in order; sink(source, split, digest, payload, tokens)
-    gets each kept document and returns False to stop early."""
-    counts = [_SourceCounts(files=len(f)) for f in files]
-    exact_seen: set[bytes] = set()
-    near = clean_lib.NearDuplicateIndex(data_cfg.minhash_threshold) if dedup == 'minhash' else None
-
-    def items():
-        for index, paths in enumerate(files):
-            for path in paths:
-                for first_line, lines in read_chunks(path, LINES_PER_CHUNK):
-                    yield index, path, first_line, lines
-
-    initargs = (clean_lib.CleanOptions.from_config(data_cfg.clean), dedup,
-                [s.text_key for s in sources], tokenizer_path, dtype)
-    total = sum(os.path.getsize(p) for paths in files for p in paths)
-    results = _ordered_map(_work, items(), workers, initargs)
-    with tqdm(total=total, unit='B', unit_scale=True, desc=desc, file=sys.stderr,
-              disable=None) as bar:
-        try:
-            for index, chars, stats, docs in results:
-                bar.update(chars)
-                source, count = sources[index], counts[index]
-                count.clean.add(stats)
-                count.documents_in += stats.too_short + len(docs)
-                for digest, payload, num_tokens, signature in docs:
-                    if dedup != 'none':
-                        if digest in exact_seen:
-                            count.exact_duplicates += 1
-                            continue
-                        if near is not None and near.seen_or_add(signature):
-                            count.near_duplicates += 1
-                            continue
-                        exact_seen.add(digest)
-                    held_out = clean_lib.validation_draw(digest) < source.val_fraction
-                    split = 'validation' if held_out else 'train'
-                    if sink(index, split, digest, payload, num_tokens) is False:
-                        return counts
-        finally:
-            results.close()  # stops the worker pool when leaving early or on an error
-    return counts
 
 
 # ----------------------------------------------------------------------------- the pipeline
@@ -283,7 +161,7 @@ def _train_tokenizer(data_cfg, sources, files, workers: int, out_path: str) -> N
             chars += len(text)
         return chars < TOKENIZER_TRAIN_CHARS
 
-    _scan(sources, files, data_cfg, workers, None, None, 'none', sink, 'tokenizer text')
+    scan.scan(sources, files, data_cfg, workers, None, None, 'none', sink, 'tokenizer text')
     if not texts:
         raise DataError(f'data.sources {[s.name for s in sources]}: no training text left '
                         f'after cleaning to train a tokenizer on')
@@ -317,8 +195,8 @@ def _write_shards(data_cfg, sources, files, workers: int, tmp: str, keep_digests
     def sink(index, split, digest, payload, num_tokens):
         writers[index, split].write(payload, num_tokens, digest)
 
-    counts = _scan(sources, files, data_cfg, workers, os.path.join(tmp, tokenizer_lib.FILENAME),
-                   dtype, data_cfg.dedup, sink, desc)
+    counts = scan.scan(sources, files, data_cfg, workers,
+                       os.path.join(tmp, tokenizer_lib.FILENAME), dtype, data_cfg.dedup, sink, desc)
     splits = {key: w.close() for key, w in writers.items()}
     return _manifest(sources, dtype, info, [
         dict(files=c.files, documents_in=c.documents_in, removed=c.removed()) for c in counts],
@@ -375,138 +253,6 @@ def prepare(data_cfg, out_dir: str, *, force: bool = False) -> dict:
     return manifest
 
 
-# ----------------------------------------------------------------------------- slices
-
-
-def slice_dir(out_dir: str, index: int, count: int) -> str:
-    return os.path.join(out_dir, SLICES_DIR, f'{index:05d}-of-{count:05d}')
-
-
-def parse_slice(text: str) -> tuple[int, int]:
-    """'i/n' -> (i, n) with 0 <= i < n."""
-    try:
-        index, count = (int(x) for x in text.split('/'))
-    except ValueError:
-        raise DataError(f'--shard={text!r}: expected i/n, e.g. 3/16')
-    if not 0 <= index < count:
-        raise DataError(f'--shard={text!r}: expected 0 <= i < n')
-    return index, count
-
-
-def prepare_slice(data_cfg, out_dir: str, index: int, count: int, *,
-                  force: bool = False) -> dict:
-    """Prepares slice ``index`` of ``count`` (files[index::count] of every source) into
-    out_dir/slices/; ``merge`` combines the slices once all are done."""
-    options = prepare_options(data_cfg)
-    if not data_cfg.tokenizer:
-        raise DataError('--shard needs data.tokenizer (every slice must use the same one): give '
-                        'a .model, or train one first with `meditron-prepare --config ... '
-                        '--tokenizer_only` and pass --config.data.tokenizer=<the path it prints>')
-    target = slice_dir(out_dir, index, count)
-    existing = shards_lib.read_manifest(target, SLICE_MANIFEST)
-    if existing is not None and not force:
-        _check_matches(existing, options, data_cfg, target)
-        return existing
-    sources = parse_sources(data_cfg.sources)
-    files = [resolve_files(s, i)[index::count] for i, s in enumerate(sources)]
-    tmp = _make_tmp_dir(out_dir)
-    try:
-        manifest = _write_shards(data_cfg, sources, files, _num_workers(data_cfg), tmp,
-                                 keep_digests=True, desc=f'slice {index}/{count}')
-        os.makedirs(target, exist_ok=True)
-        return _finish(manifest, options, tmp, target, SLICE_MANIFEST, None)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def merge(data_cfg, out_dir: str, *, force: bool = False) -> dict:
-    """Combines all slices into the final output: exact dedup across slices, one manifest."""
-    options = prepare_options(data_cfg)
-    manifest = shards_lib.read_manifest(out_dir)
-    if manifest is not None and not force:
-        _check_matches(manifest, options, data_cfg, out_dir)
-        return manifest
-    root = os.path.join(out_dir, SLICES_DIR)
-    names = sorted(os.listdir(root)) if os.path.isdir(root) else []
-    counts = {int(n.split('-of-')[1]) for n in names if '-of-' in n}
-    if len(counts) != 1:
-        raise DataError(f'{root}: expected the slices of one --shard i/n run, found '
-                        f'{names or "none"}')
-    count = counts.pop()
-    dirs = [slice_dir(out_dir, i, count) for i in range(count)]
-    missing = [i for i, d in enumerate(dirs) if shards_lib.read_manifest(d, SLICE_MANIFEST) is None]
-    if missing:
-        raise DataError(f'{root}: slices {missing} of {count} are missing or incomplete; run '
-                        f'meditron-prepare --shard i/{count} for each before --merge')
-    slices = [shards_lib.read_manifest(d, SLICE_MANIFEST) for d in dirs]
-    for d, s in zip(dirs, slices):
-        _check_matches(s, options, data_cfg, d)
-    sources = parse_sources(data_cfg.sources)
-    tmp = _make_tmp_dir(out_dir)
-    try:
-        shutil.copy(os.path.join(dirs[0], tokenizer_lib.FILENAME),
-                    os.path.join(tmp, tokenizer_lib.FILENAME))
-        manifest = _merge_into(tmp, sources, dirs, slices, data_cfg.shard_max_tokens)
-        manifest['tokenizer'] = slices[0]['tokenizer']
-        manifest = _finish(manifest, options, tmp, out_dir, shards_lib.MANIFEST, sources)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    shutil.rmtree(root)
-    print(summary(manifest), file=sys.stderr)
-    return manifest
-
-
-def _merge_into(tmp: str, sources, dirs, slices, shard_max_tokens: int) -> dict[str, Any]:
-    itemsize = np.dtype(slices[0]['dtype']).itemsize
-    seen: set[bytes] = set()
-    per_source, splits = [], {}
-    total = sum(len(s['sources'][src.name]['splits'][split]['shards'])
-                for s in slices for src in sources for split in shards_lib.SPLITS)
-    with tqdm(total=total, unit='shard', desc='merge', file=sys.stderr, disable=None) as bar:
-        for i, source in enumerate(sources):
-            cross_slice = 0
-            for split in shards_lib.SPLITS:
-                writer = shards_lib.ShardWriter(tmp, source.name, split, shard_max_tokens)
-                for d, s in zip(dirs, slices):
-                    for shard in s['sources'][source.name]['splits'][split]['shards']:
-                        path = os.path.join(d, shard['file'])
-                        for record, key in zip(shards_lib.read_records(path),
-                                               shards_lib.read_digests(path)):
-                            if key in seen:
-                                cross_slice += 1
-                                continue
-                            seen.add(key)
-                            writer.write(record, len(record) // itemsize)
-                        bar.update(1)
-                splits[i, split] = writer.close()
-            removed = collections.Counter()
-            for s in slices:
-                removed.update(s['sources'][source.name]['removed'])
-            removed['exact_duplicates'] += cross_slice
-            per_source.append(dict(
-                files=sum(s['sources'][source.name]['files'] for s in slices),
-                documents_in=sum(s['sources'][source.name]['documents_in'] for s in slices),
-                removed=dict(removed)))
-    return _manifest(sources, slices[0]['dtype'], slices[0]['tokenizer'], per_source, splits)
-
-
-def train_tokenizer_only(data_cfg, out_dir: str) -> str:
-    """Trains the corpus tokenizer alone (before a --shard run); returns its path."""
-    sources = parse_sources(data_cfg.sources)
-    files = [resolve_files(s, i) for i, s in enumerate(sources)]
-    if data_cfg.tokenizer_vocab_size <= 0:
-        raise DataError('--tokenizer_only needs data.tokenizer_vocab_size > 0')
-    tmp = _make_tmp_dir(out_dir)
-    try:
-        path = os.path.join(tmp, 'trained-tokenizer.model')
-        _train_tokenizer(data_cfg, sources, files, _num_workers(data_cfg), path)
-        final = os.path.join(out_dir, 'trained-tokenizer.model')
-        os.replace(path, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
-
-
 # ----------------------------------------------------------------------------- reporting + CLI
 
 
@@ -529,6 +275,7 @@ def summary(manifest: dict) -> str:
 
 def _main(argv) -> None:
     from absl import flags
+    from meditron_jax.data import slices
     del argv
     flag = flags.FLAGS
     data_cfg = flag.config.data
@@ -538,12 +285,12 @@ def _main(argv) -> None:
             raise DataError('data.dir is empty and no --workdir: say where the shards go, '
                             'e.g. --config.data.dir=/path/to/data')
         if flag.tokenizer_only:
-            print(train_tokenizer_only(data_cfg, out_dir))
+            print(slices.train_tokenizer_only(data_cfg, out_dir))
         elif flag.merge:
-            merge(data_cfg, out_dir, force=flag.force)
+            slices.merge(data_cfg, out_dir, force=flag.force)
         elif flag.shard:
-            index, count = parse_slice(flag.shard)
-            manifest = prepare_slice(data_cfg, out_dir, index, count, force=flag.force)
+            index, count = slices.parse_slice(flag.shard)
+            manifest = slices.prepare_slice(data_cfg, out_dir, index, count, force=flag.force)
             print(summary(manifest), file=sys.stderr)
         else:
             prepare(data_cfg, out_dir, force=flag.force)
