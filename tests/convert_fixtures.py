@@ -16,11 +16,11 @@ HIDDEN, LAYERS, HEADS, KV_HEADS, MLP = 64, 2, 8, 4, 128
 HEAD_DIM = HIDDEN // HEADS
 
 
-def hf_model(dtype=torch.float32, seed=0) -> transformers.LlamaForCausalLM:
+def hf_model(dtype=torch.float32, seed=0, vocab=VOCAB) -> transformers.LlamaForCausalLM:
     """A random GQA Llama whose norm scales are random too (so misplaced norms show)."""
     torch.manual_seed(seed)
     cfg = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+        vocab_size=vocab, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
         num_key_value_heads=KV_HEADS, intermediate_size=MLP, max_position_embeddings=64,
         rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False)
     model = transformers.LlamaForCausalLM(cfg)
@@ -87,6 +87,7 @@ def write_meta(model, directory: str, shards: int, extra=None) -> dict:
             w = hf_rows_to_meta(w, HEADS)
         if hf_name.endswith('k_proj.weight'):
             w = hf_rows_to_meta(w, KV_HEADS)
+        assert dim is None or w.shape[dim] % shards == 0, (name, w.shape, shards)
         parts = [w] * shards if dim is None else torch.chunk(w, shards, dim=dim)
         for r, part in enumerate(parts):
             per_rank[r][name] = part.clone().contiguous()

@@ -1,0 +1,93 @@
+"""Params checkpoints: the streaming writer's output restores with plain orbax onto any mesh,
+orbax-saved params read back through the same API, and incomplete or mismatched writes fail
+naming the leaf and leave nothing."""
+
+import os
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from meditron_jax import model as model_lib
+from meditron_jax import params_checkpoint as pc
+from meditron_jax import sharding
+
+CFG = model_lib.preset('tiny', param_dtype='bfloat16')
+
+
+@pytest.fixture(scope='module')
+def params():
+    mesh = sharding.make_mesh(dict(data=1, fsdp=8, tensor=1))
+    return model_lib.init_params(CFG, mesh, seed=3)
+
+
+def stream(path, params, **kw):
+    with pc.ParamsWriter(path, CFG, **kw) as w:
+        for name, layer, value in pc.iter_leaf_slices(params):
+            w.write(name, np.asarray(value), layer)
+    return w.path
+
+
+def assert_equal_trees(a, b):
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
+
+
+@pytest.mark.parametrize('mesh_shape', [(1, 2, 4), (1, 4, 2)])
+def test_streamed_checkpoint_restores_with_plain_orbax_onto_a_mesh(params, mesh_shape, tmp_path):
+    path = stream(str(tmp_path / 'ckpt'), params, true_vocab_size=250)
+    mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, mesh_shape)))
+    shardings = model_lib.param_shardings(CFG, mesh)
+    abstract, _ = model_lib.param_specs(CFG)
+    targets = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                           abstract, shardings)
+    restored = ocp.StandardCheckpointer().restore(os.path.join(path, 'params'), targets)
+    assert_equal_trees(restored, params)
+    jax.tree.map(lambda x, s: x.sharding == s or pytest.fail(f'{x.sharding} != {s}'),
+                 restored, shardings)
+    loaded, cfg = pc.load_params(path, mesh=mesh)
+    assert cfg == CFG and pc.read_metadata(path)['true_vocab_size'] == 250
+    assert_equal_trees(loaded, params)
+    assert loaded['layers']['mlp']['gate']['kernel'].sharding == \
+        shardings['layers']['mlp']['gate']['kernel']
+
+
+def test_orbax_saved_params_read_back_through_the_same_api(params, tmp_path):
+    path = pc.save_params(str(tmp_path / 'saved'), params, CFG)
+    assert os.path.exists(os.path.join(path, 'params', 'manifest.ocdbt'))
+    loaded, cfg = pc.load_params(path, dtype='float32')
+    assert cfg.param_dtype == 'float32'
+    assert loaded['lm_head']['kernel'].dtype == np.float32
+    assert_equal_trees(loaded, jax.tree.map(lambda x: x.astype(np.float32), params))
+    reader = pc.ParamsReader(path)
+    np.testing.assert_array_equal(reader.read('layers.attn.q.kernel', 1),
+                                  np.asarray(params['layers']['attn']['q']['kernel'][1]))
+
+
+def test_incomplete_stream_names_the_missing_layers_and_leaves_nothing(params, tmp_path):
+    with pytest.raises(pc.ParamsCheckpointError, match=r'layers\.mlp\.up\.kernel layers \[1\]'):
+        with pc.ParamsWriter(str(tmp_path / 'ckpt'), CFG) as w:
+            for name, layer, value in pc.iter_leaf_slices(params):
+                if not (name == 'layers.mlp.up.kernel' and layer == 1):
+                    w.write(name, np.asarray(value), layer)
+    assert os.listdir(tmp_path) == []
+
+
+def test_wrong_slice_shape_names_the_leaf_and_layer(tmp_path):
+    with pytest.raises(pc.ParamsCheckpointError,
+                       match=r'layers\.attn\.q\.kernel\[0\]: shape \(64, 8, 4\), '
+                             r'expected \(64, 8, 8\)'):
+        with pc.ParamsWriter(str(tmp_path / 'ckpt'), CFG) as w:
+            w.write('layers.attn.q.kernel', np.zeros((64, 8, 4)), layer=0)
+    assert os.listdir(tmp_path) == []
+
+
+def test_config_that_does_not_match_the_stored_arrays_is_refused(params, tmp_path):
+    path = stream(str(tmp_path / 'ckpt'), params)
+    meta_file = os.path.join(path, pc.META_FILE)
+    text = open(meta_file).read().replace('"mlp_dim": 128', '"mlp_dim": 256')
+    open(meta_file, 'w').write(text)
+    with pytest.raises(pc.ParamsCheckpointError,
+                       match=r'layers\.mlp\.gate\.kernel: stored \(2, 64, 128\), '
+                             r'config needs \(2, 64, 256\)'):
+        pc.load_params(path)
