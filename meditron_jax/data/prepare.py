@@ -234,10 +234,11 @@ def prepare(data_cfg, out_dir: str, *, force: bool = False) -> dict:
     """
     options = prepare_options(data_cfg)
     manifest = shards_lib.read_manifest(out_dir)
+    sources = parse_sources(data_cfg.sources)
     if manifest is not None and not force:
         _check_matches(manifest, options, data_cfg, out_dir)
+        shards_lib.check_trainable(sources, manifest, out_dir)   # weights may have changed
         return manifest
-    sources = parse_sources(data_cfg.sources)
     files = [resolve_files(s, i) for i, s in enumerate(sources)]
     created = not os.path.exists(out_dir)
     tmp = _make_tmp_dir(out_dir)
