@@ -164,6 +164,7 @@ def test_loader_config_errors(tmp_path):
         loader.make_train_iterator(cfg, str(tmp_path / 'out'), seed=0, process_index=0,
                                    process_count=1)
     cfg.packing = 'concat'
+    cfg.global_batch_size = 8
     with pytest.raises(DataError, match=r"only 5 training documents; process 7 would get none"):
         loader.make_train_iterator(cfg, str(tmp_path / 'out'), seed=0, process_index=7,
                                    process_count=8)
