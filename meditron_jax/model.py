@@ -210,17 +210,28 @@ def rope(x_BxTxNxH: Array, positions_BxT: Array, theta: float) -> Array:
 
 
 _warned_attention: set[str] = set()
+_CUDNN_DTYPES = ('bfloat16', 'float16')
 
 
-def resolve_attention(implementation: str) -> str:
-    """'cudnn' where a GPU backend is present, else 'xla' with a logged warning (once)."""
-    if implementation == 'cudnn' and jax.default_backend() != 'gpu':
-        if 'cudnn' not in _warned_attention:
-            logging.warning('attention=cudnn asked for but the backend is %r, not gpu: '
-                            'falling back to the xla implementation', jax.default_backend())
-            _warned_attention.add('cudnn')
-        return 'xla'
-    return implementation
+def resolve_attention(implementation: str, dtype=jnp.bfloat16) -> str:
+    """The implementation to run: 'cudnn' only on a gpu backend with a bfloat16/float16 compute
+    dtype (cuDNN flash attention rejects float32), else 'xla' with a logged warning (once per
+    reason)."""
+    if implementation != 'cudnn':
+        return implementation
+    reason = None
+    if jnp.dtype(dtype).name not in _CUDNN_DTYPES:
+        reason = (f'the compute dtype is {jnp.dtype(dtype).name}, and cuDNN flash attention '
+                  f'needs one of {_CUDNN_DTYPES}')
+    elif jax.default_backend() != 'gpu':
+        reason = f'the backend is {jax.default_backend()!r}, not gpu'
+    if reason is None:
+        return 'cudnn'
+    if reason not in _warned_attention:
+        logging.warning('attention=cudnn asked for but %s: falling back to the xla '
+                        'implementation', reason)
+        _warned_attention.add(reason)
+    return 'xla'
 
 
 def attention(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array,
@@ -231,7 +242,7 @@ def attention(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array,
         mask = (segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :])[:, None]
     return jax.nn.dot_product_attention(
         q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask, is_causal=True,
-        implementation=resolve_attention(implementation))
+        implementation=resolve_attention(implementation, q_BxTxNxH.dtype))
 
 
 class Attention(nn.Module):

@@ -220,14 +220,20 @@ def test_remat_policies_give_the_same_gradients_as_none(cfg, params, tokens, sca
 
 def test_cudnn_attention_falls_back_to_xla_on_cpu_with_a_warning(
         cfg, params, tokens, xla_logits, caplog):
-    assert jax.default_backend() == 'cpu'
-    M._warned_attention.clear()  # the warning is logged once per process
+    assert jax.default_backend() == 'cpu' and cfg.compute_dtype == 'float32'
+    M._warned_attention.clear()  # each reason is logged once per process
     c = cfg.replace(attention='cudnn')
     with caplog.at_level(logging.WARNING):
         logits = jax.jit(lambda p, t: M.forward(p, c, t), compiler_options=FAST_COMPILE)(
             params, tokens)
+        # Each reason cuDNN cannot run, named: float32 compute (also on GPU), a non-gpu backend.
+        assert M.resolve_attention('cudnn', jnp.float32) == 'xla'
+        assert M.resolve_attention('cudnn', jnp.bfloat16) == 'xla'
+        assert M.resolve_attention('xla', jnp.bfloat16) == 'xla'
     messages = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert any('cudnn' in m and 'xla' in m for m in messages), messages
+    assert len(messages) == 2, messages  # once per reason, not once per layer or call
+    assert 'attention=cudnn' in messages[0] and 'float32' in messages[0]
+    assert "backend is 'cpu'" in messages[1] and 'falling back to the xla' in messages[1]
     np.testing.assert_array_equal(np.asarray(logits), xla_logits)
 
 
