@@ -92,6 +92,16 @@ class _ShuffleRepeat(grain.MapDataset):
         self._permutations: dict[int, np.ndarray] = {}
         self._lock = threading.Lock()
 
+    def __getstate__(self):       # pickled into grain worker processes: no lock, no cache
+        state = dict(self.__dict__)
+        del state['_lock']
+        state['_permutations'] = {}
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     def __len__(self) -> int:
         return sys.maxsize
 
@@ -160,8 +170,8 @@ def _check_batch(data_cfg, process_index: int, process_count: int) -> int:
     return data_cfg.global_batch_size // process_count
 
 
-def _documents(data_dir: str, manifest, source: Source, split: str, process_index: int,
-               process_count: int) -> grain.MapDataset:
+def process_documents(data_dir: str, manifest, source: Source, split: str,
+                      process_index: int, process_count: int) -> grain.MapDataset:
     """This process's share of one (source, split)'s records (bytes), in stored order."""
     paths = shards_lib.split_paths(data_dir, manifest, source.name, split)
     if not paths:
@@ -205,11 +215,13 @@ def train_dataset(data_cfg, data_dir: str, *, seed: int, process_index: int, pro
     manifest, sources = open_prepared(data_cfg, data_dir)
     mixed, weighted = [], [(i, s) for i, s in enumerate(sources) if s.weight > 0]
     for i, source in weighted:
-        docs = _documents(data_dir, manifest, source, 'train', process_index, process_count)
+        docs = process_documents(data_dir, manifest, source, 'train', process_index,
+                                 process_count)
         if not len(docs):
+            total = manifest['sources'][source.name]['splits']['train']['documents']
             raise DataError(f'data.sources[{i}] ({source.name!r}): {process_count} processes '
-                            f'but only {manifest["sources"][source.name]["splits"]["train"]["documents"]} '
-                            f'training documents; process {process_index} would get none')
+                            f'but only {total} training documents; process {process_index} '
+                            f'would get none')
         docs = _ShuffleRepeat(docs, _seed(seed, data_cfg.shuffle_seed, source.name))
         mixed.append(docs.map(_Decode(manifest['dtype'], i if with_source_ids else None)))
     rates = _mix_rates(manifest, [s for _, s in weighted], 'train')
@@ -244,7 +256,8 @@ def make_eval_iterator(data_cfg, data_dir: str, *, process_index: int,
     for i, source in enumerate(sources):
         if source.weight <= 0:
             continue
-        docs = _documents(data_dir, manifest, source, 'validation', process_index, process_count)
+        docs = process_documents(data_dir, manifest, source, 'validation', process_index,
+                                 process_count)
         if len(docs):
             mixed.append(docs.repeat(reseed_each_epoch=False).map(_Decode(manifest['dtype'])))
             used.append(source)
