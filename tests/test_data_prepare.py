@@ -93,7 +93,8 @@ def test_dedup_removes_planted_duplicates(tmp_path, mode, kept, exact, near):
     manifest = prepare.prepare(cfg, str(tmp_path / 'out'))
     info = manifest['sources']['x']
     assert info['splits']['train']['documents'] == kept
-    assert (info['removed']['exact_duplicates'], info['removed']['near_duplicates']) == (exact, near)
+    removed = info['removed']
+    assert (removed['exact_duplicates'], removed['near_duplicates']) == (exact, near)
     tok = tokenizer.Tokenizer(cfg.tokenizer)
     texts = [tok.decode(r) for r in records(str(tmp_path / 'out'), 'x', 'train')]
     assert texts[:2] == [doc_text(1, 12), doc_text(2, 12)]   # first copies kept, in input order
@@ -109,7 +110,8 @@ def test_split_is_stable_when_rerun_or_files_added(tmp_path):
     prepare.prepare(cfg, str(tmp_path / 'again'))
     assert all_files(str(tmp_path / 'one')) == all_files(str(tmp_path / 'again'))
 
-    write_jsonl(str(tmp_path / 'in' / '0-new.jsonl'), [{'text': doc_text(i)} for i in range(200, 300)])
+    write_jsonl(str(tmp_path / 'in' / '0-new.jsonl'),
+                [{'text': doc_text(i)} for i in range(200, 300)])
     prepare.prepare(cfg, str(tmp_path / 'more'))
     held_out_more = {tuple(r) for r in records(str(tmp_path / 'more'), 'x', 'validation')}
     tok = tokenizer.Tokenizer(cfg.tokenizer)

@@ -62,7 +62,8 @@ def prepare_options(data_cfg) -> dict[str, Any]:
                       text_key=s.text_key) for s in sources],
         clean=dataclasses.asdict(clean_lib.CleanOptions.from_config(data_cfg.clean)),
         dedup=data_cfg.dedup,
-        minhash_threshold=float(data_cfg.minhash_threshold) if data_cfg.dedup == 'minhash' else None,
+        minhash_threshold=(float(data_cfg.minhash_threshold) if data_cfg.dedup == 'minhash'
+                           else None),
         tokenizer=tokenizer,
         special_tokens=list(data_cfg.special_tokens),
         token_dtype=data_cfg.token_dtype,

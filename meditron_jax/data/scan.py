@@ -112,7 +112,7 @@ def scan(sources: list[Source], files: list[list[str]], data_cfg, workers: int,
     total = sum(os.path.getsize(p) for paths in files for p in paths)
     results = _ordered_map(_work, items(), workers, initargs)
     with tqdm(total=total, unit='B', unit_scale=True, desc=desc, file=sys.stderr,
-              disable=None) as bar:
+              mininterval=1 if sys.stderr.isatty() else 30) as bar:   # shown in job logs too
         try:
             for index, chars, stats, docs in results:
                 bar.update(chars)

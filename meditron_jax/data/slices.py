@@ -115,7 +115,8 @@ def _merge_into(tmp: str, sources, dirs, slices, shard_max_tokens: int) -> dict[
     per_source, splits = [], {}
     total = sum(len(s['sources'][src.name]['splits'][split]['shards'])
                 for s in slices for src in sources for split in shards_lib.SPLITS)
-    with tqdm(total=total, unit='shard', desc='merge', file=sys.stderr, disable=None) as bar:
+    with tqdm(total=total, unit='shard', desc='merge', file=sys.stderr,
+              mininterval=1 if sys.stderr.isatty() else 30) as bar:
         for i, source in enumerate(sources):
             cross_slice = 0
             for split in shards_lib.SPLITS:

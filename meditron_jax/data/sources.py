@@ -61,7 +61,8 @@ def parse_sources(sources: Sequence[Any]) -> list[Source]:
         expected = {'name', 'files', 'weight', 'val_fraction', 'text_key'}
         if keys != expected:
             raise DataError(f'{where}: keys {sorted(keys)}; expected exactly {sorted(expected)} '
-                            f'(missing {sorted(expected - keys)}, unknown {sorted(keys - expected)})')
+                            f'(missing {sorted(expected - keys)}, '
+                            f'unknown {sorted(keys - expected)})')
         name, files = entry['name'], entry['files']
         if not isinstance(name, str) or not _NAME.match(name):
             raise DataError(f'{where}.name={name!r}: expected letters, digits, "_" or "-"')
