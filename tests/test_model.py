@@ -17,6 +17,8 @@ import pytest
 from meditron_jax import model as M
 
 FAST_COMPILE = {'xla_backend_optimization_level': 0}
+# One jitted forward for the whole module: equal (cfg, shapes) share one compile.
+forward = jax.jit(M.forward, static_argnums=1, compiler_options=FAST_COMPILE)
 
 
 def random_params(cfg: M.LlamaConfig, seed: int = 0):
@@ -65,8 +67,7 @@ def tokens(cfg):
 
 @pytest.fixture(scope='module')
 def xla_logits(cfg, params, tokens):
-    fwd = jax.jit(lambda p, t: M.forward(p, cfg, t), compiler_options=FAST_COMPILE)
-    return np.asarray(fwd(params, tokens))
+    return np.asarray(forward(params, cfg, tokens))
 
 
 # ----------------------------------------------------------------- parity with transformers
@@ -129,6 +130,7 @@ def hf_model(cfg):
                 p.normal_(0.0, 1.0)
             else:
                 p.normal_(0.0, p.shape[1] ** -0.5)
+    assert hf.config._attn_implementation == 'eager'
     return hf
 
 
@@ -154,7 +156,7 @@ def test_logits_and_loss_match_hf_llama(cfg, hf_model, tokens, scan_layers):
     logits, loss = jax.jit(logits_and_loss, compiler_options=FAST_COMPILE)(params, tokens)
     logits = np.asarray(logits)
     assert logits.dtype == np.float32 and logits.shape == hf_logits.shape
-    assert hf_logits.std() > 1.0  # the logits vary enough for 1e-4 to be a real bound
+    assert hf_logits.std() > 0.5  # logits vary enough (std ~1) for 1e-4 to be a real bound
     np.testing.assert_allclose(logits, hf_logits, rtol=0, atol=1e-4)
     np.testing.assert_allclose(float(loss), hf_out.loss.item(), rtol=1e-6, atol=1e-5)
 
@@ -169,17 +171,13 @@ def test_packed_documents_match_each_document_alone(cfg, params):
     packed = np.concatenate([doc_a, doc_b])[None]
     segment_ids = np.array([[1] * 5 + [2] * 7], np.int32)
     positions = np.array([list(range(5)) + list(range(7))], np.int32)
-    fwd = jax.jit(lambda p, t, pos, seg: M.forward(p, cfg, t, pos, seg),
-                  compiler_options=FAST_COMPILE)
-    packed_logits = np.asarray(fwd(params, packed, positions, segment_ids))[0]
-
-    alone = jax.jit(lambda p, t: M.forward(p, cfg, t), compiler_options=FAST_COMPILE)
-    logits_a = np.asarray(alone(params, doc_a[None]))[0]
-    logits_b = np.asarray(alone(params, doc_b[None]))[0]
+    packed_logits = np.asarray(forward(params, cfg, packed, positions, segment_ids))[0]
+    logits_a = np.asarray(forward(params, cfg, doc_a[None]))[0]
+    logits_b = np.asarray(forward(params, cfg, doc_b[None]))[0]
     np.testing.assert_allclose(packed_logits[:5], logits_a, rtol=0, atol=1e-5)
     np.testing.assert_allclose(packed_logits[5:], logits_b, rtol=0, atol=1e-5)
     # Without the document mask the second document would see the first: the check bites.
-    unmasked = np.asarray(fwd(params, packed, positions, np.ones_like(segment_ids)))[0]
+    unmasked = np.asarray(forward(params, cfg, packed, positions, np.ones_like(segment_ids)))[0]
     assert np.abs(unmasked[5:] - logits_b).max() > 1e-2
 
 
@@ -187,8 +185,7 @@ def test_causal_changing_token_t_changes_no_earlier_logit(cfg, params, tokens, x
     t = 9
     changed = tokens.copy()
     changed[:, t] = (changed[:, t] + 1) % cfg.vocab_size
-    fwd = jax.jit(lambda p, x: M.forward(p, cfg, x), compiler_options=FAST_COMPILE)
-    logits = np.asarray(fwd(params, changed))
+    logits = np.asarray(forward(params, cfg, changed))
     np.testing.assert_allclose(logits[:, :t], xla_logits[:, :t], rtol=0, atol=1e-6)
     assert np.abs(logits[:, t:] - xla_logits[:, t:]).max(axis=(0, 2)).min() > 1e-3
 
@@ -224,8 +221,7 @@ def test_cudnn_attention_falls_back_to_xla_on_cpu_with_a_warning(
     M._warned_attention.clear()  # each reason is logged once per process
     c = cfg.replace(attention='cudnn')
     with caplog.at_level(logging.WARNING):
-        logits = jax.jit(lambda p, t: M.forward(p, c, t), compiler_options=FAST_COMPILE)(
-            params, tokens)
+        logits = forward(params, c, tokens)
         # Each reason cuDNN cannot run, named: float32 compute (also on GPU), a non-gpu backend.
         assert M.resolve_attention('cudnn', jnp.float32) == 'xla'
         assert M.resolve_attention('cudnn', jnp.bfloat16) == 'xla'
