@@ -4,7 +4,8 @@
 
 Generates a synthetic HF Llama checkpoint (random bfloat16 weights, written shard by shard,
 default 1.1B parameters: TinyLlama's shape), then runs, each in its own process:
-  streaming import-hf, streaming export-hf  (``python -m meditron_jax.convert ...``)
+  streaming import-hf, export-hf, export-meta (4 ranks), import-meta (``python -m
+  meditron_jax.convert ...``)
   naive import  (safetensors.torch.load_file everything, build the stacked tree, orbax save)
   naive export  (orbax restore everything, build the HF state dict, safetensors save_file)
   a process that only imports the same libraries (the constant every conversion pays)
@@ -184,6 +185,10 @@ def main() -> None:
                                  w('ours')]),
         ('streaming export-hf', [py, '-m', 'meditron_jax.convert', 'export-hf', w('ours'),
                                  w('hf_out')]),
+        ('streaming export-meta (4 ranks)', [py, '-m', 'meditron_jax.convert', 'export-meta',
+                                             w('ours'), w('meta_out'), '--shards', '4']),
+        ('streaming import-meta (4 ranks)', [py, '-m', 'meditron_jax.convert', 'import-meta',
+                                             w('meta_out'), w('ours_from_meta')]),
         ('naive import', [py, me, '--stage', 'naive-import', w('hf_src'), w('naive_ours')]),
         ('naive export', [py, me, '--stage', 'naive-export', w('ours'), w('naive_hf')]),
     ]

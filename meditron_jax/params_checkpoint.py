@@ -401,7 +401,7 @@ class ParamsWriter:
         if tuple(value.shape) != shape:
             where = name if layer is None else f'{name}[{layer}]'
             raise ParamsCheckpointError(f'{where}: shape {tuple(value.shape)}, expected {shape}')
-        value = np.ascontiguousarray(value, dtype=self.dtype)
+        value = np.asarray(value, dtype=self.dtype)   # strided views are fine: no copy here
         arr = self._open(name)
         self._wait()
         self._pending = (arr if layer is None else arr[layer]).write(value)
