@@ -1,12 +1,14 @@
 """Model compile time and forward+backward throughput: scanned vs unscanned layer stack.
 
     python benchmarks/bench_model.py [--preset debug] [--batch 8] [--seq-len 256] [--steps 30]
+                                     [--remat none] [--num-layers L]
 
 On one device (the first of the default backend), for each layout: the time to trace + lower
 and to compile ``jit(value_and_grad(loss))`` (mean next-token cross-entropy over the batch),
 then ``--steps`` timed steps, the two layouts alternating step by step so that both see the
-same machine load. Prints a markdown table (median step time, tokens/s) with the
-unscanned / scanned ratios, for BENCHMARKS.md. Parameters are identical in both layouts.
+same machine load. Prints a markdown table (median step time, tokens/s, model GFLOP/s from
+``LlamaConfig.flops_per_token``) with the unscanned / scanned ratios, for BENCHMARKS.md.
+Parameters are identical in both layouts.
 """
 
 from __future__ import annotations
@@ -45,10 +47,13 @@ def main(argv=None) -> None:
     parser.add_argument('--seq-len', type=int, default=256)
     parser.add_argument('--steps', type=int, default=30)
     parser.add_argument('--remat', default='none', choices=sorted(M.REMAT_POLICIES))
+    parser.add_argument('--num-layers', type=int, default=None,
+                        help="override the preset's depth (compile time grows with it unscanned)")
     args = parser.parse_args(argv)
 
     device = jax.devices()[0]
-    base = M.preset(args.preset, remat=args.remat)
+    overrides = {} if args.num_layers is None else dict(num_layers=args.num_layers)
+    base = M.preset(args.preset, remat=args.remat, **overrides)
     mesh = S.make_mesh(dict(data=1, fsdp=1, tensor=1), [device])
     stacked = jax.device_get(M.init_params(base.replace(scan_layers=True), mesh))
     tokens = np.random.default_rng(0).integers(
@@ -79,15 +84,17 @@ def main(argv=None) -> None:
             v['times'].append(time.perf_counter() - t0)
             losses[name] = float(loss)
 
-    print(f'# {args.preset} preset ({base.num_params():,} params), batch {args.batch} x '
+    print(f'# {args.preset} preset, {base.num_layers} layers ({base.num_params():,} params), batch {args.batch} x '
           f'{args.seq_len} tokens, forward+backward, remat={args.remat}, '
           f'{args.steps} timed steps each')
     print(f'# jax {jax.__version__}, {device.platform} device {device.device_kind!r}, '
           f'{os.cpu_count()} host cores, {platform.processor() or platform.machine()}')
-    print(f'# loss: ' + ', '.join(f'{k} {v:.6f}' for k, v in losses.items()))
+    print('# loss: ' + ', '.join(f'{k} {v:.6f}' for k, v in losses.items()))
     print()
-    print('| stack | trace+lower s | compile s | step ms (median) | step ms (min) | tokens/s |')
-    print('|---|---:|---:|---:|---:|---:|')
+    flops_per_step = base.flops_per_token(args.seq_len) * tokens_per_step
+    print('| stack | trace+lower s | compile s | step ms (median) | step ms (min) | tokens/s '
+          '| model GFLOP/s |')
+    print('|---|---:|---:|---:|---:|---:|---:|')
     rows = {}
     for name, v in variants.items():
         median = statistics.median(v['times'])
@@ -95,11 +102,11 @@ def main(argv=None) -> None:
                           min=min(v['times']), tps=tokens_per_step / median)
         r = rows[name]
         print(f"| {name} | {r['lower']:.2f} | {r['compile']:.2f} | {1e3 * r['median']:.1f} | "
-              f"{1e3 * r['min']:.1f} | {r['tps']:,.0f} |")
+              f"{1e3 * r['min']:.1f} | {r['tps']:,.0f} | {flops_per_step / median / 1e9:.1f} |")
     s, u = rows['scanned'], rows['unscanned']
     print(f"| unscanned / scanned | {u['lower'] / s['lower']:.2f}x | "
           f"{u['compile'] / s['compile']:.2f}x | {u['median'] / s['median']:.2f}x | "
-          f"{u['min'] / s['min']:.2f}x | {u['tps'] / s['tps']:.2f}x |")
+          f"{u['min'] / s['min']:.2f}x | {u['tps'] / s['tps']:.2f}x | |")
 
 
 if __name__ == '__main__':
