@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from typing import Any
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
 
 # Keys whose change makes a checkpoint unusable: the shapes of what was saved.
 SHAPE_KEYS = ('vocab_size', 'hidden_size', 'num_layers', 'num_heads', 'num_kv_heads', 'mlp_dim',
@@ -46,31 +49,78 @@ def save(manager: ocp.CheckpointManager, step: int, params: Any, opt_state: Any,
 
 
 def restore_latest(manager: ocp.CheckpointManager, abstract_params: Any, abstract_opt_state: Any,
-                   data_iterator: Any) -> tuple[int, Any, Any, dict] | None:
-    """Restores the newest readable step: (step, params, opt_state, saved config), or None.
+                   data_iterator: Any, config: dict) -> tuple[int, Any, Any] | None:
+    """Restores the newest readable step: (step, params, opt_state), or None if there is none.
 
-    A step that fails to restore (files deleted or corrupted after it completed) is reported and
-    the previous one tried. Arrays are placed with the shardings in the abstract targets, so a
-    checkpoint saved on one mesh restores onto another.
+    The saved config is checked against ``config`` first (check_compatible: a model-shape change
+    is refused, other changes are logged). A step that fails to restore (files deleted or
+    corrupted after it completed) is reported and the previous one tried. Arrays are placed with
+    the shardings in the abstract targets, so a checkpoint saved on one mesh restores onto another.
     """
     steps = sorted(manager.all_steps(), reverse=True)
     for step in steps:
         try:
+            saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+        except Exception as e:  # noqa: BLE001
+            saved = None
+            log.warning('checkpoint step %d: config unreadable (%s)', step, e)
+        if saved is not None:
+            changed = check_compatible(dict(saved['config']), config)
+            if changed:
+                log.warning('resuming step %d with config changes (checkpoint -> now): %s',
+                                step, changed)
+        check_data_process_count(manager, step)
+        try:
             restored = manager.restore(step, args=ocp.args.Composite(
                 params=ocp.args.StandardRestore(abstract_params),
                 opt_state=ocp.args.StandardRestore(abstract_opt_state),
-                data=grain.checkpoint.CheckpointRestore(data_iterator),
-                config=ocp.args.JsonRestore()))
+                data=grain.checkpoint.CheckpointRestore(data_iterator)))
         except Exception as e:  # noqa: BLE001 - any unreadable step falls back to the previous
-            logging.warning('checkpoint step %d in %s could not be restored (%s: %s); trying the '
+            log.warning('checkpoint step %d in %s could not be restored (%s: %s); trying the '
                             'previous step', step, manager.directory, type(e).__name__,
                             str(e).splitlines()[0][:300] if str(e) else '')
             continue
-        return step, restored['params'], restored['opt_state'], dict(restored['config'])
+        return step, restored['params'], restored['opt_state']
     if steps:
         raise RuntimeError(f'none of the checkpoint steps {steps} in {manager.directory} could be '
                            f'restored; move the directory away to start afresh')
     return None
+
+
+class DataStateError(ValueError):
+    """A checkpoint's data-iterator state cannot be restored in this job."""
+
+
+def saved_process_count(manager: ocp.CheckpointManager, step: int) -> int | None:
+    """How many processes wrote the data-iterator state of ``step`` (None: no state files).
+
+    grain's handler writes one ``process_<i>-of-<n>.json`` per process into the ``data`` item.
+    """
+    data_dir = os.path.join(os.fspath(manager.directory), str(step), 'data')
+    names = os.listdir(data_dir) if os.path.isdir(data_dir) else []
+    counts = {int(m.group(1)) for m in (re.fullmatch(r'process_\d+-of-(\d+)\.json', n)
+                                        for n in names) if m}
+    return counts.pop() if len(counts) == 1 else None
+
+
+def check_data_process_count(manager: ocp.CheckpointManager, step: int) -> None:
+    """Raises DataStateError when ``step`` was saved by a different number of processes.
+
+    Params and optimizer state restore onto any mesh, but the data position does not carry over
+    to another process count: grain keeps one iterator state per process, and each process reads
+    its own documents (``[process_index::process_count]``), so the states describe positions in
+    streams that a job of another size does not have. Every earlier step has the same problem, so
+    this is an error, not a fallback.
+    """
+    saved = saved_process_count(manager, step)
+    if saved is not None and saved != jax.process_count():
+        raise DataStateError(
+            f'checkpoint step {step} in {manager.directory} was written by {saved} processes '
+            f'(data/process_*-of-{saved}.json) but this job has {jax.process_count()}: the data '
+            f'iterator\'s state is per process (each reads documents '
+            f'[process_index::process_count]) and cannot be carried over to another process '
+            f'count. Resume with {saved} processes (devices per process and the mesh may '
+            f'change), or start a new --workdir.')
 
 
 def restore_params(workdir: str, abstract_params: Any, step: int | None = None

@@ -10,6 +10,8 @@ import time
 
 from tensorboardX import SummaryWriter
 
+log = logging.getLogger(__name__)
+
 
 class MetricsWriter:
     """Appends rows to ``<workdir>/metrics.jsonl`` and scalars to ``<workdir>/tensorboard``.
@@ -74,5 +76,5 @@ class Progress:
         eta = (self.total - step) / rate if rate > 0 else 0.0
         figures = ' '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}'
                            for k, v in row.items() if k != 'step')
-        logging.info('step %d/%d | %s | %.2f steps/s, eta %s', step, self.total, figures, rate,
+        log.info('step %d/%d | %s | %.2f steps/s, eta %s', step, self.total, figures, rate,
                      _duration(eta))

@@ -41,6 +41,8 @@ import numpy as np
 
 from meditron_jax import sharding
 
+log = logging.getLogger(__name__)
+
 Array = jax.Array
 Params = dict[str, Any]
 
@@ -228,7 +230,7 @@ def resolve_attention(implementation: str, dtype=jnp.bfloat16) -> str:
     if reason is None:
         return 'cudnn'
     if reason not in _warned_attention:
-        logging.warning('attention=cudnn asked for but %s: falling back to the xla '
+        log.warning('attention=cudnn asked for but %s: falling back to the xla '
                         'implementation', reason)
         _warned_attention.add(reason)
     return 'xla'

@@ -27,12 +27,15 @@ import ml_collections
 import numpy as np
 import optax
 from absl import app, flags
+from absl import logging as absl_logging
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from meditron_jax import checkpoint, model, optim, sharding
 from meditron_jax import metrics as metrics_lib
 from meditron_jax.data import loader, prepare
+
+log = logging.getLogger(__name__)
 
 Array = jax.Array
 
@@ -220,7 +223,7 @@ class _Preemption:
         return self
 
     def _handle(self, signum, frame):
-        logging.warning('received %s: finishing the current step, then saving and exiting',
+        log.warning('received %s: finishing the current step, then saving and exiting',
                         signal.Signals(signum).name)
         self.requested = True
 
@@ -248,7 +251,7 @@ def _init_params(config, cfg, mesh):
         params, _ = params_checkpoint.load_params(config.train.init_from,
                                                   shardings=model.param_shardings(cfg, mesh))
         params = jax.tree.map(lambda p: p.astype(jnp.dtype(cfg.param_dtype)), params)
-        logging.info('initialised params from %s', config.train.init_from)
+        log.info('initialised params from %s', config.train.init_from)
         return params
     return model.init_params(cfg, mesh, seed=int(config.train.seed))
 
@@ -264,12 +267,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     validate_config(config, mesh)
     is_primary = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
-    logging.info('mesh %s over %d devices (%d processes); model %.1fM params',
+    log.info('mesh %s over %d devices (%d processes); model %.1fM params',
                  dict(mesh.shape), mesh.size, jax.process_count(), cfg.num_params() / 1e6)
 
     # 2. Data: prepare the corpus on first use (process 0), then the grain iterators.
     data_dir = config.data.dir or os.path.join(workdir, 'data')
-    if is_primary and not prepare.is_prepared(data_dir):
+    if is_primary:  # cheap when prepared; refuses shards made with other cleaning options
         prepare.prepare(config.data, data_dir)
     multihost_utils.sync_global_devices('data prepared')
     train_iter = loader.make_train_iterator(
@@ -283,14 +286,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     abstract, shardings = abstract_state(cfg, optimizer, mesh)
     manager = checkpoint.make_manager(workdir, int(config.checkpoint.keep))
     config_dict = config.to_dict()
-    restored = checkpoint.restore_latest(manager, abstract.params, abstract.opt_state, train_iter)
+    restored = checkpoint.restore_latest(manager, abstract.params, abstract.opt_state, train_iter,
+                                         config_dict)
     if restored is not None:
-        start, params, opt_state, saved_config = restored
-        changed = checkpoint.check_compatible(saved_config, config_dict)
-        if changed:
-            logging.warning('resuming with config changes: %s', changed)
+        start, params, opt_state = restored
         state = make_state(start, params, opt_state, shardings)
-        logging.info('resumed from step %d of %s', start, manager.directory)
+        log.info('resumed from step %d of %s', start, manager.directory)
     else:
         start = 0
         state = fresh_state(_init_params(config, cfg, mesh), optimizer, shardings)
@@ -362,7 +363,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
             if step % int(config.checkpoint.every) == 0 or step == steps or stop:
                 block_sec = save(step)
             if stop:
-                logging.warning('preempted: saved step %d, exiting', step)
+                log.warning('preempted: saved step %d, exiting', step)
                 break
 
     checkpoint.wait(manager)
@@ -380,18 +381,26 @@ _NUM_PROCESSES = flags.DEFINE_integer('num_processes', 0, 'Processes in the job.
 _PROCESS_ID = flags.DEFINE_integer('process_id', -1, 'This process\'s index.')
 
 
+def quiet_libraries() -> None:
+    """Our progress lines at INFO; orbax (which logs every save step) and jax at WARNING."""
+    absl_logging.set_verbosity(absl_logging.WARNING)  # absl's verbosity is the root logger's
+    logging.getLogger('meditron_jax').setLevel(logging.INFO)
+
+
 def main(argv):
+    quiet_libraries()
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments: {argv[1:]}')
     if _CONFIG.value is None or not _WORKDIR.value:
         raise app.UsageError('--config and --workdir are required')
     maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    if jax.process_index() != 0:  # one copy of the progress lines; every process's warnings
+        logging.getLogger('meditron_jax').setLevel(logging.WARNING)
     train(_CONFIG.value, _WORKDIR.value)
 
 
 def run():
     """Console entry point (meditron-train)."""
-    logging.getLogger().setLevel(logging.INFO)
     app.run(main)
 
 

@@ -1,0 +1,118 @@
+"""train_step and the optimizer, without the data pipeline: accumulation, schedule, weight-decay
+mask, non-finite handling, and the same losses on 8 devices as on one."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import base
+from meditron_jax import model, optim, sharding, train
+
+
+def tiny_config(**mesh):
+    c = base.get_config()
+    c.model = base.model_config('tiny')
+    c.mesh.update({**dict(data=1, fsdp=1, tensor=1), **mesh})
+    c.data.seq_len, c.data.global_batch_size = 32, 8
+    c.optim.update(lr_peak=1e-2, lr_min=1e-3, warmup_steps=2)
+    return c
+
+
+def random_batch(seed=0, batch=8, length=33, vocab=256):
+    rng = np.random.default_rng(seed)
+    segments = np.ones((batch, length), np.int32)
+    segments[:, length // 2:] = 2          # two documents a row
+    segments[0, -5:] = 0                   # some padding
+    positions = np.concatenate([np.arange(length // 2), np.arange(length - length // 2)])
+    return dict(tokens=rng.integers(0, vocab, (batch, length)).astype(np.int32),
+                segment_ids=segments,
+                positions=np.tile(positions.astype(np.int32), (batch, 1)))
+
+
+def run_steps(config, batches, devices):
+    """Losses of consecutive train steps on a mesh over `devices`."""
+    cfg = train.model_config(config)
+    mesh = sharding.make_mesh(config.mesh, devices=devices)
+    optimizer = optim.make_optimizer(config.optim, 10)
+    _, shardings = train.abstract_state(cfg, optimizer, mesh)
+    state = train.fresh_state(model.init_params(cfg, mesh), optimizer, shardings)
+    step_fn, _ = train.compile_steps(config, cfg, optimizer, optim.lr_schedule(config.optim, 10),
+                                     shardings, mesh)
+    losses = []
+    with jax.set_mesh(mesh):
+        for b in batches:
+            gb = {k: jax.device_put(v, sharding.batch_sharding(mesh)) for k, v in b.items()}
+            state, m = step_fn(state, gb)
+            losses.append(float(m['loss']))
+    return losses, jax.device_get(state)
+
+
+def test_grad_accumulation_equals_one_big_batch():
+    batch = random_batch()
+    one = tiny_config()
+    four = tiny_config()
+    four.optim.grad_accum_steps = 4
+    loss1, state1 = run_steps(one, [batch], jax.devices()[:1])
+    loss4, state4 = run_steps(four, [batch], jax.devices()[:1])
+    np.testing.assert_allclose(loss1, loss4, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-6, rtol=1e-5),
+                 state1.params, state4.params)
+
+
+def test_eight_device_mesh_gives_single_device_losses():
+    batches = [random_batch(seed=s) for s in range(3)]
+    single, _ = run_steps(tiny_config(), batches, jax.devices()[:1])
+    sharded, state = run_steps(tiny_config(data=2, fsdp=2, tensor=2), batches, jax.devices())
+    np.testing.assert_allclose(single, sharded, rtol=2e-5)
+    assert single[-1] < single[0]
+
+
+def test_lr_schedule_warmup_cosine_floor():
+    c = base.get_config()
+    c.optim.update(lr_peak=3e-4, lr_min=3e-5, warmup_steps=100, decay_steps=0)
+    schedule = optim.lr_schedule(c.optim, total_steps=1100)
+    assert float(schedule(0)) == 0.0
+    assert float(schedule(50)) == pytest.approx(1.5e-4)
+    assert float(schedule(100)) == pytest.approx(3e-4)
+    assert float(schedule(600)) == pytest.approx((3e-4 + 3e-5) / 2, rel=1e-5)  # cosine midpoint
+    assert float(schedule(1100)) == pytest.approx(3e-5)
+    assert float(schedule(5000)) == pytest.approx(3e-5)
+
+
+def test_weight_decay_skips_norm_scales():
+    cfg = model.preset('tiny')
+    abstract, _ = model.param_specs(cfg)
+    mask = optim.decay_mask(abstract)
+    assert mask['final_norm']['scale'] is False
+    assert mask['layers']['attn_norm']['scale'] is False
+    assert mask['layers']['attn']['q']['kernel'] is True
+    assert mask['embed']['embedding'] is True
+    # One step with zero gradients: only weight decay moves the parameters.
+    c = base.get_config()
+    c.optim.update(lr_peak=1.0, warmup_steps=0, weight_decay=0.1)
+    tx = optim.make_optimizer(c.optim, 10)
+    params = jax.tree.map(lambda a: jnp.full(a.shape, 2.0), abstract)
+    updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+    np.testing.assert_allclose(updates['final_norm']['scale'], 0.0)
+    np.testing.assert_allclose(updates['layers']['mlp']['up']['kernel'], -0.2, rtol=1e-6)
+
+
+def test_nonfinite_update_is_not_applied_and_first_step_recorded():
+    config = tiny_config()
+    cfg = train.model_config(config)
+    mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
+    optimizer = optim.make_optimizer(config.optim, 10)
+    _, shardings = train.abstract_state(cfg, optimizer, mesh)
+    params = model.init_params(cfg, mesh)
+    params['layers']['mlp']['up']['kernel'] = params['layers']['mlp']['up']['kernel'].at[0, 0, 0] \
+        .set(jnp.inf)
+    state = train.fresh_state(params, optimizer, shardings)
+    before = jax.device_get(state.params)
+    step_fn, _ = train.compile_steps(config, cfg, optimizer, optim.lr_schedule(config.optim, 10),
+                                     shardings, mesh)
+    gb = {k: jax.device_put(v, sharding.batch_sharding(mesh)) for k, v in random_batch().items()}
+    state, m = step_fn(state, gb)
+    state, m = step_fn(state, gb)
+    assert int(m['first_nonfinite']) == 1 and int(m['skipped']) == 2
+    jax.tree.map(np.testing.assert_array_equal, before, jax.device_get(state.params))
