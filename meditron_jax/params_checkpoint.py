@@ -26,8 +26,9 @@ Two writers produce ``params/``, for two kinds of input:
   so the writer never builds a leaf: it creates each leaf's zarr3 array with the tensorstore
   spec orbax itself builds (``ArrayWriteSpec``, no OCDBT, one chunk per layer slice, zstd), writes
   one layer slice at a time through tensorstore, and at the end writes orbax's ``_METADATA``
-  (``InternalTreeMetadata``) and ``_CHECKPOINT_METADATA``. Peak host memory is about two layer
-  slices (one being written while the next is read).
+  (``InternalTreeMetadata``) and ``_CHECKPOINT_METADATA``. Peak host memory is a few layer
+  slices (the slice just read, tensorstore's copy and its compressed chunk, with at most one
+  write in flight while the next slice is read), never a whole stacked leaf.
 
 Readers: ``load_params`` restores through orbax onto the given shardings (each device reads its
 own slice; no whole tensor is materialised on the host), and ``ParamsReader`` reads one layer

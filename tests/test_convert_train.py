@@ -1,10 +1,8 @@
 """A training run with train.init_from=DST (DST from meditron-convert import-hf) starts at the
 imported model's loss: its first logged loss is that model's loss on the first batch."""
 
-import json
 import os
 
-import jax
 import numpy as np
 import pytest
 import torch
@@ -44,6 +42,7 @@ def imported_debug_model(directory, cfg: model_lib.LlamaConfig) -> str:
     return hf.import_hf(os.path.join(directory, 'hf'), os.path.join(directory, 'ours'))
 
 
+@pytest.mark.slow   # prepares the shipped corpus and compiles a train step
 def test_training_with_init_from_starts_at_the_imported_models_loss(tmp_path):
     data_dir = str(tmp_path / 'data')
     base = debug_config(data_dir, '')
