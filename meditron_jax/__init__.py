@@ -31,7 +31,8 @@ class Model:
 
 
 def load(path: str | os.PathLike, mesh=None) -> Model:
-    """A params checkpoint (meditron-convert's output, params_checkpoint.save_params) as a Model.
+    """A params checkpoint (meditron-convert's output) or a training workdir (its latest
+    complete step) as a Model.
 
     ``mesh``: place params with model.param_shardings on it (default: the first device).
     """
@@ -41,7 +42,23 @@ def load(path: str | os.PathLike, mesh=None) -> Model:
         params, cfg = params_checkpoint.load_params(path, mesh=mesh)
         true_vocab = params_checkpoint.read_metadata(path)['true_vocab_size']
         return Model(config=cfg, params=params, true_vocab_size=true_vocab)
-    # (The training-workdir branch, ``path/checkpoints/<step>/``, goes here.)
+    if os.path.isdir(os.path.join(path, 'checkpoints')):
+        return _load_workdir(path, mesh)
     raise FileNotFoundError(
         f'{path}: not a params checkpoint (no {params_checkpoint.META_FILE}) nor a training '
         f'workdir (no checkpoints/ with a complete step)')
+
+
+def _load_workdir(workdir: str, mesh=None) -> Model:
+    import jax
+    from meditron_jax import checkpoint, model as model_lib, sharding
+    _, config = checkpoint.read_config(workdir)
+    cfg = model_lib.LlamaConfig(**config['model'])
+    mesh = mesh or sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+    abstract, _ = model_lib.param_specs(cfg)
+    shardings = model_lib.param_shardings(cfg, mesh)
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, shardings)
+    _, params, _ = checkpoint.restore_params(workdir, target)
+    params = model_lib.to_layout(params, cfg.replace(scan_layers=True))  # Model runs stacked
+    return Model(config=cfg, params=params, true_vocab_size=cfg.vocab_size)

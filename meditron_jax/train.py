@@ -248,9 +248,13 @@ def _init_params(config, cfg, mesh):
             raise ValueError(f'train.init_from={config.train.init_from}: model shape differs from '
                              f'the config: ' + ', '.join(f'model.{k}: checkpoint {a} vs config {b}'
                                                          for k, (a, b) in mismatch.items()))
+        stacked = cfg.replace(scan_layers=True)  # params checkpoints hold the stacked layout
         params, _ = params_checkpoint.load_params(config.train.init_from,
-                                                  shardings=model.param_shardings(cfg, mesh))
-        params = jax.tree.map(lambda p: p.astype(jnp.dtype(cfg.param_dtype)), params)
+                                                  shardings=model.param_shardings(stacked, mesh))
+        params = jax.device_put(
+            jax.tree.map(lambda p: p.astype(jnp.dtype(cfg.param_dtype)),
+                         model.to_layout(params, cfg)),
+            model.param_shardings(cfg, mesh))
         log.info('initialised params from %s', config.train.init_from)
         return params
     return model.init_params(cfg, mesh, seed=int(config.train.seed))
