@@ -181,3 +181,24 @@ def test_workdir_checkpoint_keeps_grain_state_and_config(uninterrupted):
     assert step == 12 and saved['model']['num_layers'] == 4
     assert (os.path.exists(os.path.join(uninterrupted, 'checkpoints', '12', 'data',
                                         'process_0-of-1.json')))
+
+
+def test_load_workdir_reproduces_the_logged_validation_loss(uninterrupted, data_dir):
+    import meditron_jax
+    from meditron_jax import model
+    m = meditron_jax.load(uninterrupted)
+    config = debug_config(data_dir)
+    batches = loader.make_eval_iterator(config.data, data_dir, process_index=0, process_count=1)
+    loss_sum = count = 0.0
+    for _ in range(config.train.eval_steps):
+        b = next(batches)
+        # Rows are packed: run with their positions and segments, as training does.
+        logits = model.forward(m.params, m.config, b['tokens'][:, :-1], b['positions'][:, :-1],
+                               b['segment_ids'][:, :-1])
+        seg = b['segment_ids']
+        weights = (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] != 0)
+        s, c = model.cross_entropy(logits, b['tokens'][:, 1:], weights)
+        loss_sum, count = loss_sum + float(s), count + float(c)
+    _, val = read_metrics(uninterrupted)
+    assert loss_sum / count == pytest.approx(val[12], rel=1e-5)
+    assert m(np.arange(16)[None]).shape == (1, 16, m.config.vocab_size)
