@@ -5,6 +5,8 @@ Jitted steps compile with ``xla_backend_optimization_level=0`` (same HLO and par
 LLVM work on the CPU kernels) so that five compiles stay within a few seconds each.
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -105,10 +107,20 @@ def test_forward_and_gradients_match_single_device(cfg, single_device, mesh_conf
     assert_split_as_rules_say(params, mesh)
     batch = jax.device_put(tokens, S.batch_sharding(mesh))
     with jax.set_mesh(mesh):
-        (loss, logits), grads = loss_and_grads(cfg)(params, batch)
+        lowered = loss_and_grads(cfg).lower(params, batch)
+        (loss, logits), grads = lowered.compile()(params, batch)
 
-    # The activation constraints applied: logits split by batch over (data, fsdp), vocab over
-    # tensor, as the 'batch' / 'act_vocab' rules say.
+    # The activation constraints are in the program (set_mesh made constrain() live), with the
+    # mesh axes the rules give: batch over (data, fsdp); heads, kv heads, MLP, vocab over tensor.
+    constraints = set(re.findall(r'sdy.sharding_constraint %\S+ <@\w+, (\[.*\])> : tensor<(\S+)>',
+                                 lowered.as_text()))
+    batch_axes = '{"data", "fsdp"}, {}'
+    assert {(f'[{batch_axes}, {{}}]', '8x16x64xf32'),                   # residual stream
+            (f'[{batch_axes}, {{"tensor"}}, {{}}]', '8x16x8x8xf32'),     # q heads
+            (f'[{batch_axes}, {{"tensor"}}, {{}}]', '8x16x4x8xf32'),     # k kv heads
+            (f'[{batch_axes}, {{"tensor"}}]', '8x16x128xf32'),           # MLP hidden
+            (f'[{batch_axes}, {{"tensor"}}]', '8x16x256xf32'),           # logits
+            } <= constraints, constraints
     assert logits.sharding.is_equivalent_to(
         NamedSharding(mesh, P(('data', 'fsdp'), None, 'tensor')), 3), logits.sharding
     np.testing.assert_allclose(float(loss), want_loss, rtol=1e-6)
