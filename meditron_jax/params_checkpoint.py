@@ -122,7 +122,8 @@ def prepare_destination(path: str | os.PathLike, force: bool) -> tuple[str, str]
                                   f'pass --force (force=True) to replace it')
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f'.{os.path.basename(path)}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}')
+    tmp = os.path.join(parent,
+                       f'.{os.path.basename(path)}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}')
     os.makedirs(tmp)
     return path, tmp
 

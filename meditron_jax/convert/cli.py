@@ -2,7 +2,8 @@
 
     meditron-convert import-hf   SRC DST [--dtype bfloat16] [--pad-vocab-multiple 128] [--force]
     meditron-convert import-meta SRC DST [--dtype ...] [--pad-vocab-multiple ...] [--force]
-    meditron-convert export-hf   SRC DST [--dtype ...] [--shard-size 5GB] [--tokenizer PATH] [--force]
+    meditron-convert export-hf   SRC DST [--dtype ...] [--shard-size 5GB] [--tokenizer PATH]
+                                 [--force]
     meditron-convert export-meta SRC DST [--shards N] [--dtype ...] [--tokenizer PATH] [--force]
 
 The model shape always comes from the source (config.json, params.json or the params

@@ -99,7 +99,8 @@ def write_safetensors(path: str, entries: list[tuple[str, np.dtype, tuple[int, .
         for name, dtype, shape in entries:
             x = produce(name)
             if x.dtype != dtype or tuple(x.shape) != tuple(shape) or not x.flags.c_contiguous:
-                raise AssertionError(f'{name}: produced {x.dtype} {x.shape}, planned {dtype} {shape}')
+                raise AssertionError(f'{name}: produced {x.dtype} {x.shape}, '
+                                     f'planned {dtype} {shape}')
             f.write(memoryview(x.reshape(-1).view(np.uint8)))
     return offset
 

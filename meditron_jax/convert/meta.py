@@ -73,12 +73,14 @@ def split_dim(meta_name: str) -> int | None:
 def meta_to_hf_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
     """q/k rows, Meta's interleaved rotary pairs -> HF's rotate-half halves, per head."""
     rows, cols = w.shape
-    return w.reshape(n_heads, rows // n_heads // 2, 2, cols).transpose(0, 2, 1, 3).reshape(rows, cols)
+    pairs = w.reshape(n_heads, rows // n_heads // 2, 2, cols)
+    return pairs.transpose(0, 2, 1, 3).reshape(rows, cols)
 
 
 def hf_to_meta_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
     rows, cols = w.shape
-    return w.reshape(n_heads, 2, rows // n_heads // 2, cols).transpose(0, 2, 1, 3).reshape(rows, cols)
+    halves = w.reshape(n_heads, 2, rows // n_heads // 2, cols)
+    return halves.transpose(0, 2, 1, 3).reshape(rows, cols)
 
 
 def _rope_heads(hf_name: str, cfg: model_lib.LlamaConfig) -> int | None:
@@ -115,7 +117,8 @@ def mlp_rule_for(dim: int, target: int) -> tuple[int, float | None]:
                           f'for dim={dim} under Meta\'s rule')
 
 
-def config_from_meta(params: dict, vocab_rows: int, where: str) -> tuple[model_lib.LlamaConfig, int]:
+def config_from_meta(params: dict, vocab_rows: int, where: str
+                     ) -> tuple[model_lib.LlamaConfig, int]:
     required = ('dim', 'n_layers', 'n_heads')
     missing = [k for k in required if k not in params]
     if missing:
@@ -149,7 +152,8 @@ def config_to_meta(cfg: model_lib.LlamaConfig, true_vocab: int) -> dict:
 def _merged_shapes(shards: list[TorchFiles], src: str) -> dict[str, tuple[int, ...]]:
     names = [set(s.shapes) - set(IGNORED) for s in shards]
     union = set().union(*names)
-    uneven = [f'{n} (only in {[os.path.basename(s.paths[0]) for s, ns in zip(shards, names) if n in ns]})'
+    files = [os.path.basename(s.paths[0]) for s in shards]
+    uneven = [f'{n} (only in {[f for f, ns in zip(files, names) if n in ns]})'
               for n in sorted(union) if any(n not in ns for ns in names)]
     if uneven:
         raise ConversionError(f'{src}: tensors not present in every rank: {", ".join(uneven)}')
@@ -184,7 +188,8 @@ def import_meta(src: str, dst: str, *, dtype: str | None = None, pad_vocab_multi
         raise ConversionError(f'{src}: params.json is missing (the model shape comes from it)')
     paths = sorted(glob.glob(os.path.join(src, 'consolidated.*.pth')))
     if not paths:
-        raise ConversionError(f'{src}: no consolidated.*.pth files; found {sorted(os.listdir(src))}')
+        raise ConversionError(f'{src}: no consolidated.*.pth files; '
+                              f'found {sorted(os.listdir(src))}')
     with open(params_path) as f:
         params = json.load(f)
     shards = [TorchFiles([p]) for p in paths]
