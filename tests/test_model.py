@@ -1,8 +1,7 @@
 """The Llama-2 model: parity with Hugging Face, masks, remat, presets, config errors.
 
 Jitted functions here compile with ``xla_backend_optimization_level=0``: the same XLA program
-(same HLO, same fusions) with less LLVM optimisation of the CPU kernels, which cuts compile
-time about threefold and keeps this module fast. Random parameters come from numpy in the
+with less LLVM optimisation of its CPU kernels, which cuts compile time about threefold and keeps this module fast. Random parameters come from numpy in the
 shapes ``param_specs`` gives, because the RNG of ``init_params`` alone takes seconds to compile
 on CPU; test_sharding.py covers ``init_params``.
 """
@@ -206,10 +205,10 @@ def test_remat_policies_give_the_same_gradients_as_none(cfg, params, tokens, sca
         grads[policy] = jax.jit(grad_fn, compiler_options=FAST_COMPILE)(params, tokens)
     assert set(grads) == {'none', 'full', 'save_dots', 'save_dots_no_batch'}
     for policy, g in grads.items():
-        for path, a, b in zip(jax.tree_util.tree_leaves_with_path(g),
-                              jax.tree.leaves(g), jax.tree.leaves(grads['none'])):
+        for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g),
+                                jax.tree.leaves(grads['none'])):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6,
-                                       err_msg=f'{policy}: {jax.tree_util.keystr(path[0])}')
+                                       err_msg=f'{policy}: {jax.tree_util.keystr(path)}')
 
 
 # ----------------------------------------------------------------------- attention

@@ -1,8 +1,8 @@
 """Sharding on 8 simulated CPU devices: the same numbers on every mesh, parameters split as the
 rules say, and errors that name the mesh or axis that does not fit.
 
-Jitted steps compile with ``xla_backend_optimization_level=0`` (same HLO and partitioning, less
-LLVM work on the CPU kernels) so that five compiles stay within a few seconds each.
+Jitted steps compile with ``xla_backend_optimization_level=0`` (the same partitioned program,
+less LLVM optimisation of its CPU kernels) so that five compiles stay within a few seconds each.
 """
 
 import re
