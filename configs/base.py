@@ -24,6 +24,16 @@ def source(name: str, files: str, weight: float, val_fraction: float = 0.03,
                 text_key=text_key)
 
 
+def gap_replay_sources(root: str) -> list[dict]:
+    """MEDITRON's GAP-Replay mixture: token shares of the training tokens (MEDITRON.md)."""
+    return [
+        source('guidelines', f'{root}/guidelines/*.jsonl', weight=0.0022, val_fraction=0.05),
+        source('pubmed_abstracts', f'{root}/abstracts/*.jsonl', weight=0.1139),
+        source('pmc_papers', f'{root}/papers/*.jsonl', weight=0.8752),
+        source('replay', f'{root}/replay/*.jsonl', weight=0.0087, val_fraction=0.0),
+    ]
+
+
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
 

@@ -20,13 +20,7 @@ def get_config():
     c.model.remat = 'full'
     c.model.attention = 'cudnn'
     c.mesh.update(dict(data=1, fsdp=-1, tensor=8))
-    c.data.sources = [
-        base.source('guidelines', '/data/gap-replay/guidelines/*.jsonl', weight=0.0022,
-                    val_fraction=0.05),
-        base.source('pubmed_abstracts', '/data/gap-replay/abstracts/*.jsonl', weight=0.1139),
-        base.source('pmc_papers', '/data/gap-replay/papers/*.jsonl', weight=0.8752),
-        base.source('replay', '/data/gap-replay/replay/*.jsonl', weight=0.0087, val_fraction=0.0),
-    ]
+    c.data.sources = base.gap_replay_sources('/data/gap-replay')
     c.data.dir = '/data/gap-replay/prepared'
     c.data.tokenizer = '/models/llama-2-70b/tokenizer.model'
     c.data.seq_len = 4096

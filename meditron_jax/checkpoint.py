@@ -24,6 +24,8 @@ import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
 
+ITEMS = ('params', 'opt_state', 'data', 'config')
+
 # Keys whose change makes a checkpoint unusable: the shapes of what was saved.
 SHAPE_KEYS = ('vocab_size', 'hidden_size', 'num_layers', 'num_heads', 'num_kv_heads', 'mlp_dim',
               'param_dtype')
@@ -33,7 +35,7 @@ def make_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(
         os.path.join(os.path.abspath(workdir), 'checkpoints'),
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
-        item_names=('params', 'opt_state', 'data', 'config'))
+        item_names=ITEMS)
 
 
 def save(manager: ocp.CheckpointManager, step: int, params: Any, opt_state: Any,
@@ -123,16 +125,22 @@ def check_data_process_count(manager: ocp.CheckpointManager, step: int) -> None:
             f'change), or start a new --workdir.')
 
 
-def restore_params(workdir: str, abstract_params: Any, step: int | None = None
-                   ) -> tuple[int, Any, dict]:
-    """Params and config of a training workdir's latest (or given) complete step."""
+def _read_only(workdir: str, step: int | None) -> tuple[ocp.CheckpointManager, int]:
+    """A read-only manager of a workdir's checkpoints and the step to read (latest if None)."""
     manager = ocp.CheckpointManager(
         os.path.join(os.path.abspath(workdir), 'checkpoints'),
         options=ocp.CheckpointManagerOptions(read_only=True, create=False),
-        item_names=('params', 'opt_state', 'data', 'config'))
+        item_names=ITEMS)
     step = manager.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f'{workdir}/checkpoints holds no complete checkpoint step')
+    return manager, step
+
+
+def restore_params(workdir: str, abstract_params: Any, step: int | None = None
+                   ) -> tuple[int, Any, dict]:
+    """Params and config of a training workdir's latest (or given) complete step."""
+    manager, step = _read_only(workdir, step)
     restored = manager.restore(step, args=ocp.args.Composite(
         params=ocp.args.StandardRestore(abstract_params), config=ocp.args.JsonRestore()))
     manager.close()
@@ -141,13 +149,7 @@ def restore_params(workdir: str, abstract_params: Any, step: int | None = None
 
 def read_config(workdir: str, step: int | None = None) -> tuple[int, dict]:
     """The resolved config saved with a workdir's latest (or given) step."""
-    manager = ocp.CheckpointManager(
-        os.path.join(os.path.abspath(workdir), 'checkpoints'),
-        options=ocp.CheckpointManagerOptions(read_only=True, create=False),
-        item_names=('params', 'opt_state', 'data', 'config'))
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f'{workdir}/checkpoints holds no complete checkpoint step')
+    manager, step = _read_only(workdir, step)
     config = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
     manager.close()
     return step, dict(config['config'])
