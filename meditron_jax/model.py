@@ -305,6 +305,10 @@ class Llama(nn.Module):
             positions_BxT = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape)
         embedding_VxD = Weight(c, (c.vocab_size, c.hidden_size), ('vocab', 'embed'),
                                'embedding', name='embed')()
+        # All-gather the table over fsdp first (as FSDP does for every weight before use), keep
+        # vocab split over tensor: the gather is then a local masked lookup plus an all-reduce,
+        # where a table split on both axes made XLA rebuild the whole table on every device.
+        embedding_VxD = sharding.constrain(embedding_VxD, ('vocab', None))
         x = jnp.take(embedding_VxD, tokens_BxT, axis=0).astype(jnp.dtype(c.compute_dtype))
         x = sharding.constrain(x, ('batch', 'length', 'act_embed'))
 

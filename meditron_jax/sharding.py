@@ -52,6 +52,11 @@ class ShardingError(ValueError):
 
 def mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
     """Resolves the config's axis sizes (one may be -1) against the device count."""
+    unknown_keys = sorted(set(mesh_config) - set(MESH_AXES))
+    missing = [name for name in MESH_AXES if name not in mesh_config]
+    if unknown_keys or missing:
+        raise ShardingError(f'mesh config {dict(mesh_config)}: expected exactly the axes '
+                            f'{MESH_AXES}; unknown {unknown_keys}, missing {missing}')
     sizes = {name: int(mesh_config[name]) for name in MESH_AXES}
     unknown = [n for n, s in sizes.items() if s == -1]
     if len(unknown) > 1:

@@ -59,7 +59,8 @@ def overrides(config):
 
 
 def start_run(config, workdir):
-    env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
+    env = dict(os.environ, XLA_FLAGS=os.environ['XLA_FLAGS'] +
+               ' --xla_force_host_platform_device_count=8',
                JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1')
     cmd = [sys.executable, '-m', 'meditron_jax.train', '--config',
            os.path.join(REPO, 'configs', 'debug.py'), '--workdir', str(workdir),
