@@ -173,3 +173,10 @@ def test_parameter_without_logical_names_raises(mesh_222):
     abstract = {'w': jax.ShapeDtypeStruct((64, 8), jnp.float32)}
     with pytest.raises(S.ShardingError, match=r"\['w'\]: shape \(64, 8\) needs one logical"):
         S.tree_shardings({'w': ('embed',)}, abstract, mesh_222)
+
+
+def test_mesh_config_must_name_exactly_the_mesh_axes():
+    with pytest.raises(sharding.ShardingError, match=r"unknown \['sequence'\]"):
+        sharding.mesh_shape({'data': 1, 'fsdp': -1, 'tensor': 1, 'sequence': 2}, 8)
+    with pytest.raises(sharding.ShardingError, match=r"missing \['tensor'\]"):
+        sharding.mesh_shape({'data': 1, 'fsdp': -1}, 8)
