@@ -176,7 +176,7 @@ def test_parameter_without_logical_names_raises(mesh_222):
 
 
 def test_mesh_config_must_name_exactly_the_mesh_axes():
-    with pytest.raises(sharding.ShardingError, match=r"unknown \['sequence'\]"):
-        sharding.mesh_shape({'data': 1, 'fsdp': -1, 'tensor': 1, 'sequence': 2}, 8)
-    with pytest.raises(sharding.ShardingError, match=r"missing \['tensor'\]"):
-        sharding.mesh_shape({'data': 1, 'fsdp': -1}, 8)
+    with pytest.raises(S.ShardingError, match=r"unknown \['sequence'\]"):
+        S.mesh_shape({'data': 1, 'fsdp': -1, 'tensor': 1, 'sequence': 2}, 8)
+    with pytest.raises(S.ShardingError, match=r"missing \['tensor'\]"):
+        S.mesh_shape({'data': 1, 'fsdp': -1}, 8)
