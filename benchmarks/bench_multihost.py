@@ -78,9 +78,9 @@ def main() -> None:
         finally:
             sys.stdout = stdout
     if status:
+        by_hand = ' '.join(command + run_flags(args, data_dir) + ['--workdir', workdir])
         raise SystemExit(f'the 2-process run failed with status {status}; run it by hand: '
-                         f'python launch/local.py -- {" ".join(command + run_flags(args, data_dir))}'
-                         f' --workdir {workdir}')
+                         f'python launch/local.py -- {by_hand}')
     results['2 processes x 4 devices'] = (step_times(workdir), time.perf_counter() - start)
 
     print(f'debug model, mesh {args.mesh}, batch {args.batch} x seq_len {args.seq_len}, '

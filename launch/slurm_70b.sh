@@ -2,7 +2,7 @@
 # MEDITRON-70B continued pretraining on 16 nodes x 8 GPUs (MEDITRON's own cluster size).
 #
 #   mkdir -p logs && sbatch launch/slurm_70b.sh                      # from the repository root
-#   sbatch launch/slurm_70b.sh --config.train.steps=100               # extra args go to meditron-train
+#   sbatch launch/slurm_70b.sh --config.train.steps=100    # extra args go to meditron-train
 #
 # One task per node; each runs the same meditron-train command, which joins the job through
 # jax.distributed with the coordinator on the first node (MEDITRON_* variables below).
@@ -42,7 +42,8 @@ VENV="${VENV:-$REPO/.venv}"          # or replace with: module load ... / conda 
 [ -f "$VENV/bin/activate" ] && source "$VENV/bin/activate"
 source launch/gpu_env.sh
 
-COORDINATOR_HOST="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
+# sed reads the whole list: `head -n 1` would close the pipe early and, with pipefail, fail the job
+COORDINATOR_HOST="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)"
 export MEDITRON_COORDINATOR="${COORDINATOR_HOST}:${COORDINATOR_PORT:-12355}"
 export MEDITRON_NUM_PROCESSES="$SLURM_NNODES"
 echo "job $SLURM_JOB_ID: $SLURM_NNODES nodes, coordinator $MEDITRON_COORDINATOR, workdir $WORKDIR"

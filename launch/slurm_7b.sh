@@ -2,7 +2,7 @@
 # MEDITRON-7B continued pretraining on N nodes x 8 GPUs (default 8 nodes = 64 GPUs).
 #
 #   mkdir -p logs && sbatch launch/slurm_7b.sh                       # from the repository root
-#   sbatch --nodes=4 launch/slurm_7b.sh --config.train.steps=100     # extra args go to meditron-train
+#   sbatch --nodes=4 launch/slurm_7b.sh --config.train.steps=100   # extra args: meditron-train
 #
 # One task per node; each runs the same meditron-train command, which joins the job through
 # jax.distributed with the coordinator on the first node (MEDITRON_* variables below).
@@ -41,7 +41,8 @@ VENV="${VENV:-$REPO/.venv}"          # or replace with: module load ... / conda 
 [ -f "$VENV/bin/activate" ] && source "$VENV/bin/activate"
 source launch/gpu_env.sh
 
-COORDINATOR_HOST="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
+# sed reads the whole list: `head -n 1` would close the pipe early and, with pipefail, fail the job
+COORDINATOR_HOST="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)"
 export MEDITRON_COORDINATOR="${COORDINATOR_HOST}:${COORDINATOR_PORT:-12355}"
 export MEDITRON_NUM_PROCESSES="$SLURM_NNODES"
 echo "job $SLURM_JOB_ID: $SLURM_NNODES nodes, coordinator $MEDITRON_COORDINATOR, workdir $WORKDIR"

@@ -6,7 +6,8 @@ process-local batches this process fed to the mesh.
 
 ``loader.to_global_batch`` (the one place where every local batch, train and eval, meets the mesh)
 is wrapped to keep a copy of its input; the real function still builds the global arrays. When
-train() returns (or raises) the copies go to ``DIR/local_batches.process_<i>.npz`` (arrays ``<key>_<n>`` in call order).
+train() returns (or raises) the copies go to ``DIR/local_batches.process_<i>.npz`` (arrays
+``<key>_<n>`` in call order).
 """
 
 import os

@@ -50,11 +50,13 @@ def test_slurm_script_gives_each_task_the_coordinator_and_its_id(tmp_path, scrip
     hosts = [f'gpu{i:03d}' for i in range(nodes)]
     env = dict(os.environ, PATH=f'{bin_dir}:{os.environ["PATH"]}', SLURM_JOB_ID='42',
                SLURM_NNODES=str(nodes), SLURM_JOB_NODELIST=','.join(hosts),
-               SLURM_SUBMIT_DIR=REPO, VENV=str(tmp_path / 'no-venv'), WORKDIR=str(tmp_path / 'run'), COORDINATOR_PORT='23456')
+               SLURM_SUBMIT_DIR=REPO, VENV=str(tmp_path / 'no-venv'),
+               WORKDIR=str(tmp_path / 'run'), COORDINATOR_PORT='23456')
     out = subprocess.run(['bash', os.path.join(REPO, 'launch', script), '--config.train.steps=7'],
                          cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     tasks = [line for line in out.stdout.splitlines() if line.startswith('task ')]
-    config = os.path.join(REPO, 'configs', script.replace('slurm_', 'meditron_').replace('.sh', '.py'))
+    config = os.path.join(REPO, 'configs',
+                          script.replace('slurm_', 'meditron_').replace('.sh', '.py'))
     assert tasks == [f'task {i} of {nodes} at gpu000:23456: --config {config} --workdir '
                      f'{tmp_path / "run"} --config.train.steps=7' for i in range(nodes)]

@@ -204,8 +204,8 @@ def test_checkpoint_restores_onto_other_meshes_and_training_continues(data_dir, 
     mixed = small_config(data_dir, data=2, fsdp=2, tensor=2)
     one = small_config(data_dir, data=1, fsdp=1, tensor=1)
     for config, devices in ((mixed, jax.devices()), (one, jax.devices()[:1])):
-        _, params, opt_state, it, mesh = restore_on(config, copy_at_step_3('probe_' + str(len(devices))),
-                                                    devices)
+        copy = copy_at_step_3(f'probe_{len(devices)}')
+        _, params, opt_state, it, mesh = restore_on(config, copy, devices)
         assert params['embed']['embedding'].sharding.mesh.shape == mesh.shape
         jax.tree.map(np.testing.assert_array_equal, jax.device_get((params, opt_state)),
                      (ref_params, ref_opt))
