@@ -4,7 +4,9 @@
 
 Prepares the shipped corpus into <workdir>/data on first use (a SentencePiece tokenizer of 2048
 pieces is trained on it), then trains 300 steps of 8 x 256 tokens. Expect a few minutes on 2 CPU
-cores and the loss to fall from about 7.6 (ln 2048) to below 4.
+cores (measured: 3m45s after a fresh install, 2,000-5,000 tokens/s) and the loss to fall from
+7.6 (ln 2048) to about 0.6, validation loss about 0.55 at step 300 (the shipped corpus is
+template-generated, so it is learnable well below natural-text perplexities).
 """
 
 import os
