@@ -6,9 +6,10 @@
 Recipe: context 2048, 1600 sequences (3.3M tokens) a step, lr 3e-4 with 2000 warmup steps and
 cosine to 10%, AdamW (0.9, 0.95, 1e-5), weight decay 0.1, clipping 1.0, bf16 compute. Mesh: fsdp
 over the 8 GPUs of a node (parameters, gradients and optimizer state sharded there, all-gathers
-on NVLink), data parallel across nodes. On 8 nodes (64 GPUs) each step is 5 micro-batches of
-5 sequences per GPU. Expect about 45% MFU on H100 (check with meditron-plan and the first
-log lines). Set data.sources to the prepared GAP-Replay files and train.init_from to the
+on NVLink), data parallel across nodes. On 8 nodes (64 GPUs) each step is 25 micro-batches of
+one 2048-token sequence per GPU: meditron-plan puts that at 31 GiB a device (5 sequences a
+micro-batch came to 82 GiB in XLA:CPU's estimate, which counts attention scores that cuDNN's
+flash attention never stores). Check the MFU on the first log lines. Set data.sources to the prepared GAP-Replay files and train.init_from to the
 converted Llama-2-7B (meditron-convert import-hf / import-meta).
 """
 
@@ -29,7 +30,7 @@ def get_config():
     c.data.seq_len = 2048
     c.data.global_batch_size = 1600
     c.data.worker_count = 4
-    c.optim.update(dict(lr_peak=3e-4, lr_min=3e-5, warmup_steps=2000, grad_accum_steps=5))
+    c.optim.update(dict(lr_peak=3e-4, lr_min=3e-5, warmup_steps=2000, grad_accum_steps=25))
     c.train.steps = 14600          # 48.1B tokens / 3.3M tokens a step: one epoch
     c.train.init_from = '/checkpoints/llama-2-7b'
     c.train.peak_flops_per_device = 989e12
