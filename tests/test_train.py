@@ -203,3 +203,21 @@ def test_load_workdir_reproduces_the_logged_validation_loss(uninterrupted, data_
     _, val = read_metrics(uninterrupted)
     assert loss_sum / count == pytest.approx(val[12], rel=1e-5)
     assert m(np.arange(16)[None]).shape == (1, 16, m.config.vocab_size)
+
+
+def test_nonfinite_loss_stops_the_run_naming_the_step(data_dir, tmp_path):
+    config = debug_config(data_dir, steps=6, log_every=3, eval_every=0)
+    config.optim.update(dict(lr_peak=1e12, warmup_steps=0, clip_norm=0.0))
+    with pytest.raises(train.NonFiniteError, match=r'^step \d: non-finite loss'):
+        train.train(config, str(tmp_path / 'diverged'))
+    losses, _ = read_metrics(tmp_path / 'diverged') if (tmp_path / 'diverged' /
+                                                        'metrics.jsonl').exists() else ({}, {})
+    assert all(np.isfinite(v) for v in losses.values())
+
+
+def test_nonfinite_skip_mode_counts_skipped_updates_and_goes_on(data_dir, tmp_path):
+    config = debug_config(data_dir, steps=6, log_every=3, eval_every=0, nonfinite='skip')
+    config.optim.update(dict(lr_peak=1e12, warmup_steps=0, clip_norm=0.0))
+    rows = train.train(config, str(tmp_path / 'skipping'))
+    assert [r['step'] for r in rows] == [3, 6]
+    assert rows[-1]['skipped_updates'] > 0
