@@ -70,7 +70,7 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_params: Any, abstrac
             changed = check_compatible(dict(saved['config']), config)
             if changed:
                 log.warning('resuming step %d with config changes (checkpoint -> now): %s',
-                                step, changed)
+                            step, changed)
         check_data_process_count(manager, step)
         try:
             restored = manager.restore(step, args=ocp.args.Composite(
@@ -79,8 +79,8 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_params: Any, abstrac
                 data=grain.checkpoint.CheckpointRestore(data_iterator)))
         except Exception as e:  # noqa: BLE001 - any unreadable step falls back to the previous
             log.warning('checkpoint step %d in %s could not be restored (%s: %s); trying the '
-                            'previous step', step, manager.directory, type(e).__name__,
-                            str(e).splitlines()[0][:300] if str(e) else '')
+                        'previous step', step, manager.directory, type(e).__name__,
+                        str(e).splitlines()[0][:300] if str(e) else '')
             continue
         return step, restored['params'], restored['opt_state']
     if steps:

@@ -77,4 +77,4 @@ class Progress:
         figures = ' '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}'
                            for k, v in row.items() if k != 'step')
         log.info('step %d/%d | %s | %.2f steps/s, eta %s', step, self.total, figures, rate,
-                     _duration(eta))
+                 _duration(eta))

@@ -231,7 +231,7 @@ def resolve_attention(implementation: str, dtype=jnp.bfloat16) -> str:
         return 'cudnn'
     if reason not in _warned_attention:
         log.warning('attention=cudnn asked for but %s: falling back to the xla '
-                        'implementation', reason)
+                    'implementation', reason)
         _warned_attention.add(reason)
     return 'xla'
 

@@ -224,7 +224,7 @@ class _Preemption:
 
     def _handle(self, signum, frame):
         log.warning('received %s: finishing the current step, then saving and exiting',
-                        signal.Signals(signum).name)
+                    signal.Signals(signum).name)
         self.requested = True
 
     def __exit__(self, *exc):
@@ -272,7 +272,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     is_primary = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
     log.info('mesh %s over %d devices (%d processes); model %.1fM params',
-                 dict(mesh.shape), mesh.size, jax.process_count(), cfg.num_params() / 1e6)
+             dict(mesh.shape), mesh.size, jax.process_count(), cfg.num_params() / 1e6)
 
     # 2. Data: prepare the corpus on first use (process 0), then the grain iterators.
     data_dir = config.data.dir or os.path.join(workdir, 'data')
