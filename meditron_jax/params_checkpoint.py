@@ -186,9 +186,10 @@ def _stored_shapes(params_dir: str) -> dict[str, tuple[tuple[int, ...], np.dtype
     return {leaf_name(p): (tuple(m.shape), np.dtype(m.dtype)) for p, m in flat}
 
 
-def check_stored_shapes(path: str, cfg: model_lib.LlamaConfig) -> dict[str, np.dtype]:
+def check_stored_shapes(path: str, cfg: model_lib.LlamaConfig, params_dir: str | None = None
+                        ) -> dict[str, np.dtype]:
     """Names and shapes on disk must be exactly the config's; returns each leaf's stored dtype."""
-    stored = _stored_shapes(os.path.join(path, PARAMS_DIR))
+    stored = _stored_shapes(params_dir or os.path.join(path, PARAMS_DIR))
     expected = leaf_shapes(cfg)
     missing = [f'{n} {expected[n]}' for n in expected if n not in stored]
     extra = [f'{n} {stored[n][0]}' for n in stored if n not in expected]
@@ -241,12 +242,15 @@ class ParamsReader:
     def __init__(self, path: str | os.PathLike):
         from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
         self.path = os.path.abspath(os.fspath(path))
-        self.meta = read_metadata(self.path)
+        if not is_params_checkpoint(self.path) and os.path.isdir(
+                os.path.join(self.path, 'checkpoints')):
+            self.meta, params_dir = _workdir_meta(self.path)
+        else:
+            self.meta, params_dir = read_metadata(self.path), os.path.join(self.path, PARAMS_DIR)
         self.config = config_from_json(self.meta['model'], self.path).replace(scan_layers=True)
         self.true_vocab_size = int(self.meta['true_vocab_size'])
-        self.dtypes = check_stored_shapes(self.path, self.config)
+        self.dtypes = check_stored_shapes(self.path, self.config, params_dir)
         self.shapes = leaf_shapes(self.config)
-        params_dir = os.path.join(self.path, PARAMS_DIR)
         with open(os.path.join(params_dir, '_METADATA')) as f:
             tree_meta = json.load(f)
         use_ocdbt = os.path.exists(os.path.join(params_dir, 'manifest.ocdbt'))
@@ -269,6 +273,28 @@ class ParamsReader:
     def read(self, name: str, layer: int | None = None) -> np.ndarray:
         arr = self._array(name)
         return np.asarray((arr if layer is None else arr[layer]).read().result())
+
+
+def _workdir_meta(workdir: str) -> tuple[dict, str]:
+    """Metadata and params directory of a training workdir's latest complete step, so that the
+    exporters read a trained model directly. The true vocabulary is the prepared data's
+    tokenizer's when its manifest is there."""
+    from meditron_jax import checkpoint
+    step, config = checkpoint.read_config(workdir)
+    cfg = model_lib.LlamaConfig(**config['model'])
+    if not cfg.scan_layers:
+        raise ParamsCheckpointError(
+            f'{workdir}: step {step} was trained with model.scan_layers=False (per-layer params); '
+            f'load it with meditron_jax.load and write a params checkpoint with save_params first')
+    true_vocab = cfg.vocab_size
+    manifest = os.path.join(config['data']['dir'] or os.path.join(workdir, 'data'),
+                            'manifest.json')
+    if os.path.isfile(manifest):
+        with open(manifest) as f:
+            true_vocab = int(json.load(f)['tokenizer']['vocab_size'])
+    meta = dict(model=config_to_json(cfg), true_vocab_size=true_vocab,
+                source=f'training workdir {workdir} step {step}')
+    return meta, os.path.join(workdir, 'checkpoints', str(step), 'params')
 
 
 # ---------------------------------------------------------------------------------- writing

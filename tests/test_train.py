@@ -221,3 +221,18 @@ def test_nonfinite_skip_mode_counts_skipped_updates_and_goes_on(data_dir, tmp_pa
     rows = train.train(config, str(tmp_path / 'skipping'))
     assert [r['step'] for r in rows] == [3, 6]
     assert rows[-1]['skipped_updates'] > 0
+
+
+def test_export_hf_reads_a_training_workdir_directly(uninterrupted, tmp_path):
+    import torch
+    import transformers
+    import meditron_jax
+    from meditron_jax.convert import export_hf
+    export_hf(uninterrupted, str(tmp_path / 'hf'))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / 'hf'),
+                                                           dtype=torch.float32)
+    tokens = np.arange(1, 33)[None] % 2048
+    with torch.no_grad():
+        expected = hf(torch.as_tensor(tokens)).logits.numpy()
+    ours = np.asarray(meditron_jax.load(uninterrupted)(tokens))
+    np.testing.assert_allclose(ours, expected, atol=1e-4)

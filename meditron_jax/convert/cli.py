@@ -39,8 +39,10 @@ def parser() -> argparse.ArgumentParser:
     dtypes = sorted(common.NP_DTYPES)
     for name, text in (('import-hf', 'HF Llama directory -> params checkpoint'),
                        ('import-meta', 'Meta consolidated.*.pth directory -> params checkpoint'),
-                       ('export-hf', 'params checkpoint -> HF directory (safetensors)'),
-                       ('export-meta', 'params checkpoint -> Meta consolidated.*.pth')):
+                       ('export-hf', 'params checkpoint or training workdir -> HF directory '
+                                     '(safetensors)'),
+                       ('export-meta', 'params checkpoint or training workdir -> Meta '
+                                       'consolidated.*.pth')):
         s = sub.add_parser(name, help=text, description=text)
         s.add_argument('src')
         s.add_argument('dst')

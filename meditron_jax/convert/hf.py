@@ -328,7 +328,8 @@ def plan_shards(entries: list[tuple[str, np.dtype, tuple[int, ...]]], shard_size
 
 def export_hf(src: str, dst: str, *, dtype: str | None = None, shard_size: int = 5 * 2**30,
               tokenizer: str | None = None, force: bool = False) -> str:
-    """Params checkpoint -> HF directory that ``AutoModelForCausalLM.from_pretrained`` loads."""
+    """Params checkpoint (or training workdir) -> HF directory that
+    ``AutoModelForCausalLM.from_pretrained`` loads."""
     reader = pc.ParamsReader(src)
     cfg, true_vocab = reader.config, reader.true_vocab_size
     dtype = dtype or cfg.param_dtype

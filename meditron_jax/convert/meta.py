@@ -260,7 +260,8 @@ def _storage_offsets(path: str) -> dict[str, int]:
 
 def export_meta(src: str, dst: str, *, shards: int = 1, dtype: str | None = None,
                 tokenizer: str | None = None, force: bool = False) -> str:
-    """Params checkpoint -> Meta layout with ``shards`` model-parallel ranks."""
+    """Params checkpoint (or training workdir) -> Meta layout with ``shards`` model-parallel
+    ranks."""
     import torch
     reader = pc.ParamsReader(src)
     cfg, true_vocab = reader.config, reader.true_vocab_size
