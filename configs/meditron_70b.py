@@ -16,6 +16,7 @@ from configs import base
 def get_config():
     c = base.get_config()
     c.model = base.model_config('llama2_70b')
+    c.model.vocab_size = 32128       # Llama-2's 32,000 + the special tokens, padded to 128s
     c.model.compute_dtype = 'bfloat16'
     c.model.remat = 'full'
     c.model.attention = 'cudnn'

@@ -238,26 +238,44 @@ class _Preemption:
         return bool(np.any(flags_all))
 
 
+def grow_vocab(params, vocab_size: int):
+    """Embedding rows / head columns appended up to ``vocab_size`` (stacked layout): new rows are
+    the mean embedding, new head columns zero, so the new tokens start with the average input
+    and a neutral logit (MEDITRON adds special tokens to Llama-2's 32,000 and pads to 128s)."""
+    embed, head = params['embed']['embedding'], params['lm_head']['kernel']
+    extra = vocab_size - embed.shape[0]
+    new_rows = jnp.broadcast_to(embed.mean(axis=0, keepdims=True), (extra, embed.shape[1]))
+    return {**params,
+            'embed': {'embedding': jnp.concatenate([embed, new_rows.astype(embed.dtype)])},
+            'lm_head': {'kernel': jnp.pad(head, ((0, 0), (0, extra)))}}
+
+
 def _init_params(config, cfg, mesh):
-    if config.train.init_from:
-        from meditron_jax import params_checkpoint
-        source_cfg = params_checkpoint.read_config(config.train.init_from)
-        mismatch = {k: (getattr(source_cfg, k), getattr(cfg, k)) for k in checkpoint.SHAPE_KEYS
-                    if k != 'param_dtype' and getattr(source_cfg, k) != getattr(cfg, k)}
-        if mismatch:
-            raise ValueError(f'train.init_from={config.train.init_from}: model shape differs from '
-                             f'the config: ' + ', '.join(f'model.{k}: checkpoint {a} vs config {b}'
-                                                         for k, (a, b) in mismatch.items()))
-        stacked = cfg.replace(scan_layers=True)  # params checkpoints hold the stacked layout
-        params, _ = params_checkpoint.load_params(config.train.init_from,
-                                                  shardings=model.param_shardings(stacked, mesh))
-        params = jax.device_put(
-            jax.tree.map(lambda p: p.astype(jnp.dtype(cfg.param_dtype)),
-                         model.to_layout(params, cfg)),
-            model.param_shardings(cfg, mesh))
-        log.info('initialised params from %s', config.train.init_from)
-        return params
-    return model.init_params(cfg, mesh, seed=int(config.train.seed))
+    """Random params, or train.init_from's (a params checkpoint from meditron-convert)."""
+    if not config.train.init_from:
+        return model.init_params(cfg, mesh, seed=int(config.train.seed))
+    from meditron_jax import params_checkpoint
+    path = config.train.init_from
+    source = params_checkpoint.read_config(path).replace(scan_layers=True)
+    mismatch = {k: (getattr(source, k), getattr(cfg, k)) for k in checkpoint.SHAPE_KEYS
+                if k not in ('param_dtype', 'vocab_size') and getattr(source, k) != getattr(cfg, k)}
+    if source.vocab_size > cfg.vocab_size:
+        mismatch['vocab_size'] = (source.vocab_size, cfg.vocab_size)
+    if mismatch:
+        raise ValueError(f'train.init_from={path}: model shape differs from the config: ' +
+                         ', '.join(f'model.{k}: checkpoint {a} vs config {b}'
+                                   for k, (a, b) in mismatch.items()))
+    params, _ = params_checkpoint.load_params(path, mesh=mesh)
+    if source.vocab_size < cfg.vocab_size:
+        log.info('init_from: growing the vocabulary from %d to %d rows', source.vocab_size,
+                 cfg.vocab_size)
+    grow = lambda p: grow_vocab(p, cfg.vocab_size) if source.vocab_size < cfg.vocab_size else p
+    to_model = jax.jit(
+        lambda p: jax.tree.map(lambda x: x.astype(jnp.dtype(cfg.param_dtype)),
+                               model.to_layout(grow(p), cfg)),
+        out_shardings=model.param_shardings(cfg, mesh))
+    log.info('initialised params from %s', path)
+    return to_model(params)
 
 
 # ------------------------------------------------------------------------------ the loop
@@ -279,6 +297,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     if is_primary:  # cheap when prepared; refuses shards made with other cleaning options
         prepare.prepare(config.data, data_dir)
     multihost_utils.sync_global_devices('data prepared')
+    tokenizer_vocab = loader.open_prepared(config.data, data_dir)[0]['tokenizer']['vocab_size']
+    if tokenizer_vocab > cfg.vocab_size:
+        raise ValueError(f'the tokenizer in {data_dir} has {tokenizer_vocab} pieces but '
+                         f'model.vocab_size={cfg.vocab_size}: raise model.vocab_size (a multiple '
+                         f'of 128, e.g. {-(-tokenizer_vocab // 128) * 128}); train.init_from grows '
+                         f'a smaller checkpoint\'s embedding to match')
     train_iter = loader.make_train_iterator(
         config.data, data_dir, seed=int(config.data.shuffle_seed),
         process_index=jax.process_index(), process_count=jax.process_count())

@@ -63,3 +63,30 @@ def test_training_with_init_from_starts_at_the_imported_models_loss(tmp_path):
     first = next(r for r in rows if 'loss' in r)
     assert first['step'] == 1
     np.testing.assert_allclose(first['loss'], expected, rtol=1e-4)
+
+
+def test_init_from_grows_the_vocabulary_for_added_tokens(tmp_path):
+    """MEDITRON's case: Llama-2's vocabulary plus special tokens, padded, in the config; the
+    imported checkpoint has fewer rows. Old rows are kept, new embedding rows are the mean
+    embedding, new head columns zero; a checkpoint with more rows than the config is refused."""
+    import jax
+    from meditron_jax import sharding
+    small = model_lib.preset('tiny', vocab_size=256)
+    dst = imported_debug_model(str(tmp_path), small)
+    c = debug_config(str(tmp_path / 'unused'), dst)
+    c.model = configs.debug.base.model_config('tiny')
+    c.model.vocab_size = 384
+    mesh = sharding.make_mesh(dict(data=1, fsdp=8, tensor=1))
+    params = jax.device_get(train._init_params(c, train.model_config(c), mesh))
+    source, _ = pc.load_params(dst)
+    embed, head = params['embed']['embedding'], params['lm_head']['kernel']
+    assert embed.shape == (384, 64) and head.shape == (64, 384)
+    np.testing.assert_array_equal(embed[:256], source['embed']['embedding'])
+    np.testing.assert_allclose(embed[256:], np.broadcast_to(
+        np.asarray(source["embed"]["embedding"]).mean(0), (128, 64)), atol=1e-6)
+    np.testing.assert_array_equal(head[:, :256], source['lm_head']['kernel'])
+    assert not head[:, 256:].any()
+
+    c.model.vocab_size = 128
+    with pytest.raises(ValueError, match=r'model\.vocab_size: checkpoint 256 vs config 128'):
+        train._init_params(c, train.model_config(c), mesh)

@@ -236,3 +236,10 @@ def test_export_hf_reads_a_training_workdir_directly(uninterrupted, tmp_path):
         expected = hf(torch.as_tensor(tokens)).logits.numpy()
     ours = np.asarray(meditron_jax.load(uninterrupted)(tokens))
     np.testing.assert_allclose(ours, expected, atol=1e-4)
+
+
+def test_tokenizer_larger_than_the_model_vocabulary_is_refused(data_dir, tmp_path):
+    config = debug_config(data_dir)
+    config.model.vocab_size = 1024
+    with pytest.raises(ValueError, match=r'2048 pieces but model\.vocab_size=1024.*e\.g\. 2048'):
+        train.train(config, str(tmp_path / 'small-vocab'))
