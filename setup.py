@@ -22,11 +22,11 @@ setup(
         'absl-py>=2.1,<3',
         'tqdm>=4.66,<5',             # progress bars
         'tensorboardX>=2.6,<3',      # TensorBoard event files without TensorFlow
-        'datasketch>=1.6,<3',        # MinHash LSH near-duplicate detection
+        'datasketch>=2.0,<3',        # MinHash LSH near-duplicate detection (MinHash scheme= is 2.0+)
     ],
     extras_require={
         # Weight conversion and the parity tests. CI pins torch==2.13.0 (a CPU build).
-        'torch': ['torch>=2.4', 'safetensors>=0.4', 'transformers>=4.45'],
+        'torch': ['torch>=2.5', 'safetensors>=0.4', 'transformers>=4.45'],  # skip_data: 2.5+
         'dev': ['pytest>=8', 'pytest-xdist>=3.5'],
         'gpu': ['jax[cuda12]>=0.10.2,<0.11'],
     },

@@ -1,5 +1,5 @@
 # Environment for meditron-train on NVIDIA GPU nodes; sourced by slurm_7b.sh and slurm_70b.sh.
-# Every XLA flag below is parsed by the pinned jaxlib (tests/test_multihost.py sources this file
+# Every XLA flag below is parsed by the pinned jaxlib (tests/test_launch.py sources this file
 # and starts JAX with it: XLA aborts on an unknown flag). Flags change between jaxlib versions:
 # re-run that test after an upgrade.
 

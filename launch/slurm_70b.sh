@@ -10,7 +10,7 @@
 # fsdp=-1 = the number of nodes (parameters, gradients and Adam state split 16 ways more, so
 # each GPU holds 1/128 of the 70B state: about 6 GiB of params + Adam, see meditron-plan).
 # The micro-batch (512 / grad_accum_steps 16 = 32 sequences) must divide by the fsdp size:
-# 1, 2, 4, 8, 16 or 32 nodes; on 8 nodes set --config.optim.grad_accum_steps=8 to keep the
+# 1, 2, 4, 8, 16 or 32 nodes; on 8 nodes set --config.optim.grad_accum_steps=32 to keep the
 # same per-GPU micro-batch. Check memory first: meditron-plan --config configs/meditron_70b.py.
 #
 # Change for your cluster: the #SBATCH account/partition/time lines, WORKDIR (shared storage

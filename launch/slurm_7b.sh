@@ -8,8 +8,8 @@
 # jax.distributed with the coordinator on the first node (MEDITRON_* variables below).
 # Mesh (configs/meditron_7b.py): fsdp=8 inside a node (parameters, gradients and Adam state
 # sharded over NVLink), data=-1 = the number of nodes. The micro-batch (global batch 1600 /
-# grad_accum_steps 5 = 320 sequences) must divide by 8 x nodes: 1, 2, 4, 5, 8, 10, 20 or 40
-# nodes; otherwise change optim.grad_accum_steps or data.global_batch_size (meditron-train
+# grad_accum_steps 25 = 64 sequences, one a GPU on 8 nodes) must divide by 8 x nodes: 1, 2, 4
+# or 8 nodes; otherwise change optim.grad_accum_steps or data.global_batch_size (meditron-train
 # names the keys if it does not divide). Check memory first: meditron-plan --config
 # configs/meditron_7b.py --num_devices $((8 * NODES)).
 #

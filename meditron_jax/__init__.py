@@ -61,4 +61,6 @@ def _load_workdir(workdir: str, mesh=None) -> Model:
                           abstract, shardings)
     _, params, _ = checkpoint.restore_params(workdir, target)
     params = model_lib.to_layout(params, cfg.replace(scan_layers=True))  # Model runs stacked
-    return Model(config=cfg, params=params, true_vocab_size=cfg.vocab_size)
+    from meditron_jax import params_checkpoint
+    true_vocab = params_checkpoint.workdir_meta(workdir)[0]['true_vocab_size']
+    return Model(config=cfg, params=params, true_vocab_size=true_vocab)

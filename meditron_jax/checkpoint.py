@@ -1,10 +1,11 @@
 """Training checkpoints: an orbax CheckpointManager in ``<workdir>/checkpoints``.
 
-Each step directory holds four items:
-    params     the model parameters (canonical stacked layout, see model.py)
+Each step directory holds five items:
+    params     the model parameters (in the layout model.scan_layers gives, see model.py)
     opt_state  the optimizer state (sharded like the parameters)
     data       the grain iterator state, one JSON per process (grain.checkpoint)
     config     the resolved run config (JSON)
+    loop       the loop's own counters (skipped non-finite updates)
 The step number is the directory name. Saves are asynchronous: ``save`` returns once the arrays
 are copied off the devices, and orbax writes to ``<step>.orbax-checkpoint-tmp`` before renaming,
 so a crash mid-save leaves nothing that looks complete.
@@ -24,11 +25,11 @@ import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
 
-ITEMS = ('params', 'opt_state', 'data', 'config')
+ITEMS = ('params', 'opt_state', 'data', 'config', 'loop')
 
-# Keys whose change makes a checkpoint unusable: the shapes of what was saved.
+# model.* keys whose change makes a checkpoint unusable: the shapes and layout of what was saved.
 SHAPE_KEYS = ('vocab_size', 'hidden_size', 'num_layers', 'num_heads', 'num_kv_heads', 'mlp_dim',
-              'param_dtype')
+              'param_dtype', 'scan_layers')
 
 
 def make_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
@@ -39,27 +40,34 @@ def make_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
 
 
 def save(manager: ocp.CheckpointManager, step: int, params: Any, opt_state: Any,
-         data_iterator: Any, config: dict) -> float:
+         data_iterator: Any, config: dict, loop: dict) -> float:
     """Starts an async save of one step; returns how long the call blocked, in seconds."""
     start = time.perf_counter()
-    manager.save(step, args=ocp.args.Composite(
+    saved = manager.save(step, args=ocp.args.Composite(
         params=ocp.args.StandardSave(params),
         opt_state=ocp.args.StandardSave(opt_state),
         data=grain.checkpoint.CheckpointSave(data_iterator),
-        config=ocp.args.JsonSave(config)))
+        config=ocp.args.JsonSave(config),
+        loop=ocp.args.JsonSave(loop)))
+    if not saved:  # orbax skips steps at or below the newest on disk
+        raise RuntimeError(f'checkpoint step {step} was not saved: {manager.directory} already '
+                           f'holds steps {sorted(manager.all_steps())}')
     return time.perf_counter() - start
 
 
 def restore_latest(manager: ocp.CheckpointManager, abstract_params: Any, abstract_opt_state: Any,
-                   data_iterator: Any, config: dict) -> tuple[int, Any, Any] | None:
-    """Restores the newest readable step: (step, params, opt_state), or None if there is none.
+                   data_iterator: Any, config: dict) -> tuple[int, Any, Any, dict] | None:
+    """Restores the newest readable step: (step, params, opt_state, loop counters), or None.
 
-    The saved config is checked against ``config`` first (check_compatible: a model-shape change
-    is refused, other changes are logged). A step that fails to restore (files deleted or
-    corrupted after it completed) is reported and the previous one tried. Arrays are placed with
-    the shardings in the abstract targets, so a checkpoint saved on one mesh restores onto another.
+    The saved config is checked against ``config`` first (check_compatible: a change of model
+    shape or optimizer structure is refused, naming the keys; other changes are logged). A step
+    whose files fail to read (deleted or corrupted after it completed) is reported, moved aside to
+    ``<step>.unreadable`` (so later saves of that step number are possible) and the previous one
+    tried. Arrays are placed with the shardings in the abstract targets, so a checkpoint saved on
+    one mesh restores onto another.
     """
     steps = sorted(manager.all_steps(), reverse=True)
+    unreadable = []
     for step in steps:
         try:
             saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
@@ -76,17 +84,44 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_params: Any, abstrac
             restored = manager.restore(step, args=ocp.args.Composite(
                 params=ocp.args.StandardRestore(abstract_params),
                 opt_state=ocp.args.StandardRestore(abstract_opt_state),
-                data=grain.checkpoint.CheckpointRestore(data_iterator)))
+                data=grain.checkpoint.CheckpointRestore(data_iterator),
+                **({'loop': ocp.args.JsonRestore()} if _has_item(manager, step, 'loop') else {})))
         except Exception as e:  # noqa: BLE001 - any unreadable step falls back to the previous
             log.warning('checkpoint step %d in %s could not be restored (%s: %s); trying the '
                         'previous step', step, manager.directory, type(e).__name__,
                         str(e).splitlines()[0][:300] if str(e) else '')
+            unreadable.append(step)
             continue
-        return step, restored['params'], restored['opt_state']
+        _move_aside(manager, unreadable)
+        return step, restored['params'], restored['opt_state'], dict(restored.get('loop') or {})
     if steps:
         raise RuntimeError(f'none of the checkpoint steps {steps} in {manager.directory} could be '
-                           f'restored; move the directory away to start afresh')
+                           f'restored (each step\'s error is in the warnings above)')
     return None
+
+
+def _has_item(manager: ocp.CheckpointManager, step: int, item: str) -> bool:
+    return os.path.isdir(os.path.join(os.fspath(manager.directory), str(step), item))
+
+
+def _move_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:
+    """Renames unreadable steps to ``<step>.unreadable`` (process 0, after every process tried)."""
+    if not steps:
+        return
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices('checkpoint fallback')
+    if jax.process_index() == 0:
+        root = os.fspath(manager.directory)
+        for step in steps:
+            target = os.path.join(root, f'{step}.unreadable')
+            suffix = 0
+            while os.path.exists(target):
+                suffix += 1
+                target = os.path.join(root, f'{step}.unreadable{suffix}')
+            os.rename(os.path.join(root, str(step)), target)
+            log.warning('moved unreadable checkpoint step %d to %s', step, target)
+    multihost_utils.sync_global_devices('checkpoint fallback done')
+    manager.reload()
 
 
 class DataStateError(ValueError):
@@ -169,14 +204,22 @@ def config_differences(saved: dict, current: dict, prefix: str = '') -> dict[str
 
 
 def check_compatible(saved: dict, current: dict) -> dict[str, tuple]:
-    """Raises if the model shape changed; returns the other (allowed) differences."""
+    """Raises if the model shape / layout or the optimizer's state structure changed; returns
+    the other (allowed) differences, warning when they break exact data resume."""
     diffs = config_differences(saved, current)
-    shape = {k: v for k, v in diffs.items()
-             if k.startswith('model.') and k.split('.', 1)[1] in SHAPE_KEYS}
-    if shape:
-        detail = ', '.join(f'{k}: checkpoint {a!r} vs config {b!r}' for k, (a, b) in shape.items())
-        raise ValueError(f'the config does not match the checkpoint\'s model shape ({detail}); '
+    refused = {k: v for k, v in diffs.items()
+               if k.startswith('model.') and k.split('.', 1)[1] in SHAPE_KEYS}
+    clip = [(c.get('optim', {}).get('clip_norm', 0) or 0) > 0 for c in (saved, current)]
+    if clip[0] != clip[1]:  # clipping adds or removes a stage of the optimizer state
+        refused['optim.clip_norm'] = diffs['optim.clip_norm']
+    if refused:
+        detail = ', '.join(f'{k}: checkpoint {a!r} vs config {b!r}' for k, (a, b) in refused.items())
+        raise ValueError(f'the config does not match what the checkpoint holds ({detail}); '
                          f'use a new --workdir, or train.init_from for a params-only start')
+    data = sorted(k for k in diffs if k.startswith('data.') and k != 'data.dir')
+    if data:
+        log.warning('data config changed (%s): training continues, but the batches after the '
+                    'resume are no longer those an uninterrupted run would have seen', data)
     return diffs
 
 

@@ -28,7 +28,7 @@ class MetricsWriter:
         if os.path.exists(self.path):
             with open(self.path) as f:
                 rows = [line for line in f if line.strip()]
-            kept = [r for r in rows if json.loads(r)['step'] <= resume_step]
+            kept = [r for r in rows if _step(r, self.path) <= resume_step]
             if len(kept) != len(rows):
                 tmp = self.path + '.tmp'
                 with open(tmp, 'w') as f:
@@ -53,6 +53,15 @@ class MetricsWriter:
         if self.enabled:
             self._file.close()
             self._tb.close()
+
+
+def _step(line: str, path: str) -> float:
+    """A row's step; a line cut short by a crash mid-write counts as past any resume point."""
+    try:
+        return json.loads(line)['step']
+    except (json.JSONDecodeError, KeyError):
+        log.warning('%s: dropping an unreadable line %r', path, line[:80])
+        return float('inf')
 
 
 def _duration(seconds: float) -> str:

@@ -244,7 +244,12 @@ class ParamsReader:
         self.path = os.path.abspath(os.fspath(path))
         if not is_params_checkpoint(self.path) and os.path.isdir(
                 os.path.join(self.path, 'checkpoints')):
-            self.meta, params_dir = _workdir_meta(self.path)
+            self.meta, params_dir = workdir_meta(self.path)
+            if not self.meta['model']['scan_layers']:
+                raise ParamsCheckpointError(
+                    f'{self.path}: trained with model.scan_layers=False (per-layer params); '
+                    f'load it with meditron_jax.load and write a params checkpoint with '
+                    f'params_checkpoint.save_params first')
         else:
             self.meta, params_dir = read_metadata(self.path), os.path.join(self.path, PARAMS_DIR)
         self.config = config_from_json(self.meta['model'], self.path).replace(scan_layers=True)
@@ -275,17 +280,13 @@ class ParamsReader:
         return np.asarray((arr if layer is None else arr[layer]).read().result())
 
 
-def _workdir_meta(workdir: str) -> tuple[dict, str]:
+def workdir_meta(workdir: str) -> tuple[dict, str]:
     """Metadata and params directory of a training workdir's latest complete step, so that the
     exporters read a trained model directly. The true vocabulary is the prepared data's
     tokenizer's when its manifest is there."""
     from meditron_jax import checkpoint
     step, config = checkpoint.read_config(workdir)
     cfg = model_lib.LlamaConfig(**config['model'])
-    if not cfg.scan_layers:
-        raise ParamsCheckpointError(
-            f'{workdir}: step {step} was trained with model.scan_layers=False (per-layer params); '
-            f'load it with meditron_jax.load and write a params checkpoint with save_params first')
     true_vocab = cfg.vocab_size
     manifest = os.path.join(config['data']['dir'] or os.path.join(workdir, 'data'),
                             'manifest.json')

@@ -164,3 +164,13 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def data_parallel_size(mesh: Mesh) -> int:
     """How many ways the batch is split (the product of the 'batch' rule's mesh axes)."""
     return _axis_size(mesh, _RULES['batch'])
+
+
+def local_batch_rows(mesh: Mesh, global_batch: int, devices: Sequence[jax.Device]) -> int:
+    """How many distinct rows of a (global_batch, ...) input the given devices hold."""
+    index_map = batch_sharding(mesh).devices_indices_map((global_batch, 1))
+    row_slices = {index_map[d][0].indices(global_batch) for d in devices}
+    rows = set()
+    for r in row_slices:
+        rows.update(range(*r))
+    return len(rows)

@@ -143,11 +143,12 @@ def abstract_state(cfg: model.LlamaConfig, optimizer, mesh) -> tuple[TrainState,
     return abstract, shardings
 
 
-def make_state(step: int, params, opt_state, shardings: TrainState) -> TrainState:
+def make_state(step: int, params, opt_state, shardings: TrainState, skipped: int = 0
+               ) -> TrainState:
     """A state at `step` around (already sharded) params and optimizer state."""
     put = lambda x, s: jax.device_put(jnp.int32(x), s)
     return TrainState(step=put(step, shardings.step), params=params, opt_state=opt_state,
-                      skipped=put(0, shardings.skipped),
+                      skipped=put(skipped, shardings.skipped),
                       first_nonfinite=put(-1, shardings.first_nonfinite))
 
 
@@ -186,6 +187,18 @@ def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
     if gbs % jax.process_count():
         raise ValueError(f'data.global_batch_size={gbs} must divide over '
                          f'{jax.process_count()} processes')
+    # Each process feeds the rows its devices hold: they must be an equal, distinct share.
+    # (A 'tensor' axis spanning hosts would make two processes hold the same rows.)
+    num_local = sharding.local_batch_rows(mesh, gbs, jax.local_devices())
+    if num_local != gbs // jax.process_count():
+        raise ValueError(f'mesh {dict(mesh.shape)}: this process\'s devices hold {num_local} of '
+                         f'the {gbs} batch rows, not {gbs // jax.process_count()} (an equal '
+                         f'share): keep the tensor axis within a host (mesh.tensor <= devices per '
+                         f'host) so the batch axes split across processes')
+    for key in ('train.log_every', 'checkpoint.every'):
+        section, name = key.split('.')
+        if int(config[section][name]) < 1:
+            raise ValueError(f'{key}={config[section][name]}: expected >= 1')
     if config.data.seq_len > config.model.max_seq_len:
         raise ValueError(f'data.seq_len={config.data.seq_len} exceeds '
                          f'model.max_seq_len={config.model.max_seq_len}')
@@ -231,9 +244,14 @@ class _Preemption:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
-    def any_process(self) -> bool:
+    def any_process(self, step: int, every: int) -> bool:
+        """Whether any process was signalled. Across processes this needs a collective, which
+        waits for the step just dispatched: it runs only every `every` steps, which all
+        processes agree on."""
         if jax.process_count() == 1:
             return self.requested
+        if step % every:
+            return False
         flags_all = multihost_utils.process_allgather(np.array(self.requested))
         return bool(np.any(flags_all))
 
@@ -317,8 +335,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     restored = checkpoint.restore_latest(manager, abstract.params, abstract.opt_state, train_iter,
                                          config_dict)
     if restored is not None:
-        start, params, opt_state = restored
-        state = make_state(start, params, opt_state, shardings)
+        start, params, opt_state, loop_counters = restored
+        state = make_state(start, params, opt_state, shardings, loop_counters.get('skipped', 0))
         log.info('resumed from step %d of %s', start, manager.directory)
     else:
         start = 0
@@ -346,14 +364,23 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
             loss_sum, count = loss_sum + float(out['loss_sum']), count + float(out['tokens'])
         return dict(step=step, val_loss=loss_sum / max(count, 1.0))
 
+    def check_finite(first_nonfinite: int, detail: str = '') -> None:
+        if first_nonfinite >= 0 and config.train.nonfinite == 'error':
+            raise NonFiniteError(
+                f'step {first_nonfinite}: non-finite loss or gradient norm (that update was not '
+                f'applied and no checkpoint was saved after it{detail}). Set '
+                f'train.nonfinite=skip to skip such updates and go on')
+
     def save(step: int) -> float:
+        check_finite(int(jax.device_get(state.first_nonfinite)))  # never checkpoint past a NaN
         return checkpoint.save(manager, step, state.params, state.opt_state, train_iter,
-                               config_dict)
+                               config_dict, dict(skipped=int(jax.device_get(state.skipped))))
 
     # 5. The loop: step, log, evaluate, checkpoint; stop early on SIGTERM / SIGINT.
     logged = []
     step = start
     last_log_time, last_log_step, block_sec = time.perf_counter(), start, 0.0
+    outside_sec = 0.0  # evaluation and checkpoint time in the current log window
     with jax.set_mesh(mesh), _Preemption() as preemption:
         while step < steps:
             batch = loader.to_global_batch(next(train_iter), mesh)
@@ -362,15 +389,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
 
             if step % int(config.train.log_every) == 0 or step == steps:
                 m = jax.device_get(step_metrics)
-                if m['first_nonfinite'] >= 0 and config.train.nonfinite == 'error':
-                    raise NonFiniteError(
-                        f'step {int(m["first_nonfinite"])}: non-finite loss or gradient norm '
-                        f'(that update and later ones were not applied; last loss {m["loss"]}, '
-                        f'grad norm {m["grad_norm"]}). Set train.nonfinite=skip to skip such '
-                        f'updates and go on')
+                check_finite(int(m['first_nonfinite']),
+                             f'; at step {step} loss {m["loss"]}, grad norm {m["grad_norm"]}')
                 now = time.perf_counter()
-                sec_per_step = (now - last_log_time) / (step - last_log_step)
-                last_log_time, last_log_step = now, step
+                sec_per_step = (now - last_log_time - outside_sec) / (step - last_log_step)
+                last_log_time, last_log_step, outside_sec = now, step, 0.0
                 row = dict(step=step, loss=float(m['loss']), perplexity=float(np.exp(
                     min(float(m['loss']), 50.0))), lr=float(m['lr']),
                     grad_norm=float(m['grad_norm']), tokens_per_sec=tokens_per_step / sec_per_step,
@@ -382,14 +405,18 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
                 progress.log(row)
 
             if int(config.train.eval_every) and step % int(config.train.eval_every) == 0:
+                t = time.perf_counter()
                 row = evaluate(step)
+                outside_sec += time.perf_counter() - t
                 writer.write(row)
                 logged.append(row)
                 progress.log(row)
 
-            stop = preemption.any_process()
+            stop = preemption.any_process(step, int(config.train.log_every))
             if step % int(config.checkpoint.every) == 0 or step == steps or stop:
+                t = time.perf_counter()
                 block_sec = save(step)
+                outside_sec += time.perf_counter() - t
             if stop:
                 log.warning('preempted: saved step %d, exiting', step)
                 break

@@ -178,8 +178,9 @@ def restore_on(config, workdir, devices):
     it = loader.make_train_iterator(config.data, config.data.dir, seed=0, process_index=0,
                                     process_count=1)
     manager = checkpoint.make_manager(workdir, 5)
-    step, params, opt_state = checkpoint.restore_latest(manager, abstract.params,
-                                                        abstract.opt_state, it, config.to_dict())
+    step, params, opt_state, _ = checkpoint.restore_latest(manager, abstract.params,
+                                                           abstract.opt_state, it,
+                                                           config.to_dict())
     manager.close()
     return step, params, opt_state, it, mesh
 

@@ -180,3 +180,13 @@ def test_mesh_config_must_name_exactly_the_mesh_axes():
         S.mesh_shape({'data': 1, 'fsdp': -1, 'tensor': 1, 'sequence': 2}, 8)
     with pytest.raises(S.ShardingError, match=r"missing \['tensor'\]"):
         S.mesh_shape({'data': 1, 'fsdp': -1}, 8)
+
+
+def test_local_batch_rows_detects_a_tensor_axis_spanning_processes():
+    # Two "processes" of 4 devices each: with (data=2, fsdp=4) each holds half of the rows;
+    # with tensor=8 spanning both, each holds all of them (train.validate_config refuses that).
+    devices = jax.devices()
+    split = S.make_mesh({'data': 2, 'fsdp': 4, 'tensor': 1})
+    assert S.local_batch_rows(split, 16, devices[:4]) == 8
+    spanning = S.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 8})
+    assert S.local_batch_rows(spanning, 16, devices[:4]) == 16

@@ -158,14 +158,21 @@ def test_corrupted_latest_checkpoint_falls_back_to_previous(uninterrupted, data_
     params_dir = workdir / 'checkpoints' / '12' / 'params'
     shutil.rmtree(params_dir)
     params_dir.mkdir()
-    config = debug_config(data_dir, steps=10)
+    config = debug_config(data_dir, steps=14)
     with caplog.at_level('WARNING'):
         train.train(config, str(workdir))
     assert 'checkpoint step 12' in caplog.text and 'could not be restored' in caplog.text
     losses, _ = read_metrics(workdir)
     expected, _ = read_metrics(uninterrupted)
-    # Resumed from step 8 and retrained 9..10 (steps lowered to 10: a compatible change).
-    assert [losses[s] for s in (9, 10)] == [expected[s] for s in (9, 10)]
+    # Resumed from step 8 and retrained 9..12 exactly (steps raised to 14: a compatible change;
+    # all of these steps are in the warmup, whose learning rates do not depend on train.steps).
+    assert [losses[s] for s in range(9, 13)] == [expected[s] for s in range(9, 13)]
+    assert sorted(losses) == list(range(1, 15))
+    # The unreadable step was moved aside, so step 12 was saved again, and so was the end.
+    names = os.listdir(workdir / 'checkpoints')
+    assert '12.unreadable' in names
+    assert {'8', '12', '14'} <= set(names)
+    assert checkpoint.read_config(str(workdir))[0] == 14
 
 
 def test_incompatible_config_is_refused_naming_the_keys(uninterrupted, data_dir, tmp_path):
@@ -174,6 +181,15 @@ def test_incompatible_config_is_refused_naming_the_keys(uninterrupted, data_dir,
     config = debug_config(data_dir, steps=14)
     config.model.num_layers = 2
     with pytest.raises(ValueError, match=r'model\.num_layers: checkpoint 4 vs config 2'):
+        train.train(config, str(workdir))
+
+
+def test_optimizer_structure_change_is_refused_naming_the_key(uninterrupted, data_dir, tmp_path):
+    workdir = tmp_path / 'noclip'
+    shutil.copytree(uninterrupted, workdir)
+    config = debug_config(data_dir, steps=14)
+    config.optim.clip_norm = 0.0
+    with pytest.raises(ValueError, match=r'optim\.clip_norm: checkpoint 1\.0 vs config 0\.0'):
         train.train(config, str(workdir))
 
 

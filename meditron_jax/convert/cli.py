@@ -91,7 +91,7 @@ def run() -> None:
     try:
         main(sys.argv[1:])
     except (common.ConversionError, params_checkpoint.ParamsCheckpointError,
-            FileExistsError) as e:
+            FileExistsError, FileNotFoundError) as e:
         print(f'meditron-convert: error: {e}', file=sys.stderr)
         sys.exit(2)
 

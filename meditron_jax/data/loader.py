@@ -272,7 +272,13 @@ def make_eval_iterator(data_cfg, data_dir: str, *, process_index: int,
 
 def to_global_batch(local_batch: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh
                     ) -> dict[str, jax.Array]:
-    """This process's rows -> global arrays sharded over the mesh's batch axes."""
+    """This process's rows -> global arrays sharded over the mesh's batch axes.
+
+    Every process holds an equal, distinct share of the rows (train.validate_config checks the
+    mesh allows that); the global shape is given so that JAX raises rather than building a
+    smaller batch when it does not."""
     sharding = sharding_lib.batch_sharding(mesh)
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+    return {k: jax.make_array_from_process_local_data(
+                sharding, np.asarray(v), global_shape=(len(v) * jax.process_count(),
+                                                       *np.shape(v)[1:]))
             for k, v in local_batch.items()}
