@@ -116,3 +116,14 @@ def test_nonfinite_update_is_not_applied_and_first_step_recorded():
     state, m = step_fn(state, gb)
     assert int(m['first_nonfinite']) == 1 and int(m['skipped']) == 2
     jax.tree.map(np.testing.assert_array_equal, before, jax.device_get(state.params))
+
+
+def test_grad_accumulation_on_a_sharded_mesh_equals_one_big_batch():
+    batch = random_batch(seed=3)
+    two = tiny_config(data=2, fsdp=2, tensor=2)
+    two.optim.grad_accum_steps = 2
+    loss1, state1 = run_steps(tiny_config(), [batch], jax.devices()[:1])
+    loss2, state2 = run_steps(two, [batch], jax.devices())
+    np.testing.assert_allclose(loss1, loss2, rtol=2e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=5e-6, rtol=1e-4),
+                 state1.params, state2.params)
