@@ -30,8 +30,9 @@ def random_batch(seed=0, batch=8, length=33, vocab=256):
                 positions=np.tile(positions.astype(np.int32), (batch, 1)))
 
 
-def run_steps(config, batches, devices):
-    """Losses of consecutive train steps on a mesh over `devices`."""
+def run_steps(config, batches, devices, grad_norms=None):
+    """Losses of consecutive train steps on a mesh over `devices` (and their gradient norms
+    appended to ``grad_norms`` when given)."""
     cfg = train.model_config(config)
     mesh = sharding.make_mesh(config.mesh, devices=devices)
     optimizer = optim.make_optimizer(config.optim, 10)
@@ -45,17 +46,32 @@ def run_steps(config, batches, devices):
             gb = {k: jax.device_put(v, sharding.batch_sharding(mesh)) for k, v in b.items()}
             state, m = step_fn(state, gb)
             losses.append(float(m['loss']))
+            if grad_norms is not None:
+                grad_norms.append(float(m['grad_norm']))
     return losses, jax.device_get(state)
 
 
+def accumulation_configs(k, **mesh):
+    """One big batch vs k micro-batches, with no warmup so that the first step already moves
+    the parameters (warmup makes the step-0 learning rate exactly 0)."""
+    one, acc = tiny_config(), tiny_config(**mesh)
+    for c in (one, acc):
+        c.optim.warmup_steps = 0
+    acc.optim.grad_accum_steps = k
+    return one, acc
+
+
 def test_grad_accumulation_equals_one_big_batch():
-    batch = random_batch()
-    one = tiny_config()
-    four = tiny_config()
-    four.optim.grad_accum_steps = 4
-    loss1, state1 = run_steps(one, [batch], jax.devices()[:1])
-    loss4, state4 = run_steps(four, [batch], jax.devices()[:1])
-    np.testing.assert_allclose(loss1, loss4, rtol=1e-6)
+    batches = [random_batch()] * 3        # one batch again and again: its loss must fall
+    one, four = accumulation_configs(4)
+    norms1, norms4 = [], []
+    loss1, state1 = run_steps(one, batches, jax.devices()[:1], norms1)
+    loss4, state4 = run_steps(four, batches, jax.devices()[:1], norms4)
+    # The accumulated gradient itself (its norm, before clipping and Adam could hide a wrong
+    # scale), then the parameters after three applied updates.
+    np.testing.assert_allclose(norms1, norms4, rtol=1e-5)
+    np.testing.assert_allclose(loss1, loss4, rtol=1e-5)
+    assert loss1[-1] < loss1[0]
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-6, rtol=1e-5),
                  state1.params, state4.params)
 
@@ -119,11 +135,12 @@ def test_nonfinite_update_is_not_applied_and_first_step_recorded():
 
 
 def test_grad_accumulation_on_a_sharded_mesh_equals_one_big_batch():
-    batch = random_batch(seed=3)
-    two = tiny_config(data=2, fsdp=2, tensor=2)
-    two.optim.grad_accum_steps = 2
-    loss1, state1 = run_steps(tiny_config(), [batch], jax.devices()[:1])
-    loss2, state2 = run_steps(two, [batch], jax.devices())
+    batches = [random_batch(seed=s) for s in (3, 4)]
+    one, two = accumulation_configs(2, data=2, fsdp=2, tensor=2)
+    norms1, norms2 = [], []
+    loss1, state1 = run_steps(one, batches, jax.devices()[:1], norms1)
+    loss2, state2 = run_steps(two, batches, jax.devices(), norms2)
+    np.testing.assert_allclose(norms1, norms2, rtol=2e-5)
     np.testing.assert_allclose(loss1, loss2, rtol=2e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=5e-6, rtol=1e-4),
                  state1.params, state2.params)
