@@ -221,22 +221,37 @@ def test_load_workdir_reproduces_the_logged_validation_loss(uninterrupted, data_
     assert m(np.arange(16)[None]).shape == (1, 16, m.config.vocab_size)
 
 
-def test_nonfinite_loss_stops_the_run_naming_the_step(data_dir, tmp_path):
-    config = debug_config(data_dir, steps=6, log_every=3, eval_every=0)
+def diverging_config(data_dir, **train_overrides):
+    config = debug_config(data_dir, steps=6, eval_every=0, **train_overrides)
     config.optim.update(dict(lr_peak=1e12, warmup_steps=0, clip_norm=0.0))
-    with pytest.raises(train.NonFiniteError, match=r'^step \d: non-finite loss'):
-        train.train(config, str(tmp_path / 'diverged'))
-    losses, _ = read_metrics(tmp_path / 'diverged') if (tmp_path / 'diverged' /
-                                                        'metrics.jsonl').exists() else ({}, {})
+    return config
+
+
+@pytest.fixture(scope='module')
+def first_bad_step(data_dir, tmp_path_factory):
+    """The first step whose update is skipped, read off a skip-mode run logging every step."""
+    rows = train.train(diverging_config(data_dir, log_every=1, nonfinite='skip'),
+                       str(tmp_path_factory.mktemp('skip-every-step')))
+    bad = [r['step'] for r in rows if r['skipped_updates'] > 0]
+    assert bad and bad[0] > 1, rows   # the first update is finite: there are rows before it
+    return bad[0]
+
+
+def test_nonfinite_loss_stops_the_run_naming_the_step(data_dir, tmp_path, first_bad_step):
+    workdir = tmp_path / 'diverged'
+    with pytest.raises(train.NonFiniteError, match=rf'^step {first_bad_step}: non-finite loss'):
+        train.train(diverging_config(data_dir, log_every=1), str(workdir))
+    losses, _ = read_metrics(workdir)
+    assert sorted(losses) == list(range(1, first_bad_step))   # logged up to the bad step only
     assert all(np.isfinite(v) for v in losses.values())
 
 
-def test_nonfinite_skip_mode_counts_skipped_updates_and_goes_on(data_dir, tmp_path):
-    config = debug_config(data_dir, steps=6, log_every=3, eval_every=0, nonfinite='skip')
-    config.optim.update(dict(lr_peak=1e12, warmup_steps=0, clip_norm=0.0))
-    rows = train.train(config, str(tmp_path / 'skipping'))
+def test_nonfinite_skip_mode_counts_skipped_updates_and_goes_on(data_dir, tmp_path,
+                                                                 first_bad_step):
+    rows = train.train(diverging_config(data_dir, log_every=3, nonfinite='skip'),
+                       str(tmp_path / 'skipping'))
     assert [r['step'] for r in rows] == [3, 6]
-    assert rows[-1]['skipped_updates'] > 0
+    assert rows[-1]['skipped_updates'] == 6 - first_bad_step + 1
 
 
 def test_export_hf_reads_a_training_workdir_directly(uninterrupted, tmp_path):
