@@ -2,6 +2,7 @@
 logits match transformers, export loads cleanly in AutoModelForCausalLM, HF -> ours -> HF is
 bit-identical, and meditron_jax.load reads the result."""
 
+import contextlib
 import json
 import logging
 import os
@@ -57,6 +58,21 @@ def test_import_hf_gives_transformers_logits(layout, hf_dirs, model32, tmp_path)
     np.testing.assert_allclose(our_logits(dst, toks), fx.hf_logits(model32, toks), atol=1e-4)
 
 
+@contextlib.contextmanager
+def transformers_warnings_to_caplog():
+    """transformers' loggers do not propagate to the root logger (pytest's caplog) unless the
+    environment says so (CI=true does): make them, whatever the environment."""
+    from transformers.utils import logging as hf_logging
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_warning()
+    hf_logging.enable_propagation()
+    try:
+        yield
+    finally:
+        hf_logging.disable_propagation()
+        hf_logging.set_verbosity(verbosity)
+
+
 def test_export_hf_loads_in_transformers_without_key_warnings_and_same_logits(
         hf_dirs, model32, tmp_path, caplog):
     ours = hf.import_hf(hf_dirs['single'], str(tmp_path / 'ours'), pad_vocab_multiple=128)
@@ -66,7 +82,7 @@ def test_export_hf_loads_in_transformers_without_key_warnings_and_same_logits(
     files = sorted(os.listdir(out))
     assert {'config.json', 'generation_config.json', 'model.safetensors.index.json'} <= set(files)
     assert sum(f.endswith('.safetensors') for f in files) > 2
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.WARNING), transformers_warnings_to_caplog():
         loaded, info = transformers.AutoModelForCausalLM.from_pretrained(
             out, output_loading_info=True)
     assert info['missing_keys'] == set() or not info['missing_keys'], info

@@ -65,6 +65,8 @@ def test_export_meta_in_bfloat16_with_padded_vocab_keeps_true_vocab(tmp_path):
     assert (cfg.vocab_size, cfg.param_dtype) == (256, 'bfloat16')
     params, _ = pc.load_params(ours)
     assert not np.asarray(params['embed']['embedding'][fx.VOCAB:], np.float32).any()
+    assert not np.asarray(params['lm_head']['kernel'][:, fx.VOCAB:], np.float32).any()
+    assert np.asarray(params['lm_head']['kernel'][:, :fx.VOCAB], np.float32).any()
     exported = meta.export_meta(ours, str(tmp_path / 'out'), shards=2)
     original, written = fx.load_meta(src), fx.load_meta(exported)
     for r in range(2):
