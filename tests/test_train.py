@@ -266,7 +266,7 @@ def test_export_hf_reads_a_training_workdir_directly(uninterrupted, tmp_path):
     with torch.no_grad():
         expected = hf(torch.as_tensor(tokens)).logits.numpy()
     ours = np.asarray(meditron_jax.load(uninterrupted)(tokens))
-    np.testing.assert_allclose(ours, expected, atol=1e-4)
+    np.testing.assert_allclose(ours, expected, atol=1e-5)
 
 
 def test_tokenizer_larger_than_the_model_vocabulary_is_refused(data_dir, tmp_path):
