@@ -1,6 +1,6 @@
 """Every refusal of meditron-convert names what is wrong and leaves nothing at the destination:
-missing, extra and wrongly shaped tensors, a non-empty destination, a .bin holding a pickled
-object, a Meta rank lacking a tensor, and a source that fails half-way through the stream."""
+missing, extra and wrongly shaped tensors, a .bin holding a pickled
+object, a Meta rank lacking a tensor, and a source that fails half-way through the stream (destinations: test_convert_safety.py)."""
 
 import os
 
@@ -57,20 +57,6 @@ def test_wrong_shape_names_found_and_expected(state, tmp_path):
     assert_refused(tmp_path, lambda d: hf.import_hf(src, d),
                    r'model\.layers\.0\.self_attn\.k_proj\.weight: found \[64, 64\], '
                    r'expected \[32, 64\]')
-
-
-def test_non_empty_destination_is_refused_unless_force(state, tmp_path):
-    config, tensors = state
-    src = write_hf(tmp_path / 'src', config, tensors)
-    dst = tmp_path / 'dst'
-    dst.mkdir()
-    (dst / 'keep.txt').write_text('mine')
-    with pytest.raises(FileExistsError, match=r'is not empty.*--force'):
-        hf.import_hf(src, str(dst))
-    assert sorted(os.listdir(dst)) == ['keep.txt']
-    hf.import_hf(src, str(dst), force=True)
-    assert not (dst / 'keep.txt').exists() and pc.is_params_checkpoint(dst)
-    assert fx.leftovers(str(tmp_path), '.dst.tmp') == []
 
 
 class _Payload:
