@@ -4,6 +4,7 @@ step, a corrupted latest checkpoint falls back, and an incompatible config is re
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -212,7 +213,9 @@ def test_flipped_bytes_in_the_latest_step_are_caught_and_the_previous_step_used(
     with caplog.at_level('WARNING'):
         train.train(debug_config(data_dir, steps=13), str(workdir))
     assert 'checkpoint step 12' in caplog.text and 'could not be restored' in caplog.text
-    assert 'differ from what was saved' in caplog.text or 'Error' in caplog.text
+    # Orbax/tensorstore read the flipped bytes without complaint: the fingerprints catch them.
+    assert re.search(r'IntegrityError: .*params/[\w.]+: contents differ from what was saved',
+                     caplog.text)
     losses, _ = read_metrics(workdir)
     expected, _ = read_metrics(uninterrupted)
     assert [losses[s] for s in range(9, 13)] == [expected[s] for s in range(9, 13)]
