@@ -16,6 +16,7 @@ so a crash mid-save leaves nothing that looks complete.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -37,6 +38,27 @@ SHAPE_KEYS = ('vocab_size', 'hidden_size', 'num_layers', 'num_heads', 'num_kv_he
               'param_dtype', 'scan_layers')
 
 
+class FingerprintsHandler(ocp.handlers.JsonCheckpointHandler):
+    """The ``digests`` item: JSON, whose content may be given as a function that computes it
+    (integrity.dispatch_fingerprints); orbax runs this in its background commit thread, so the
+    fingerprints, dispatched to the devices before the save, are waited for off the loop."""
+
+    async def _save_fn(self, x, directory):
+        await super()._save_fn(x() if callable(x) else x, directory)
+
+
+@ocp.args.register_with_handler(FingerprintsHandler, for_save=True)
+@dataclasses.dataclass
+class FingerprintsSave(ocp.args.CheckpointArgs):
+    item: Any
+
+
+@ocp.args.register_with_handler(FingerprintsHandler, for_restore=True)
+@dataclasses.dataclass
+class FingerprintsRestore(ocp.args.CheckpointArgs):
+    item: Any = None
+
+
 def make_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(
         os.path.join(os.path.abspath(workdir), 'checkpoints'),
@@ -50,7 +72,7 @@ def save(manager: ocp.CheckpointManager, step: int, params: Any, opt_state: Any,
     start = time.perf_counter()
     digests = state_fingerprints(params, opt_state)
     saved = manager.save(step, args=ocp.args.Composite(
-        digests=ocp.args.JsonSave(digests),
+        digests=FingerprintsSave(digests),
         params=ocp.args.StandardSave(params),
         opt_state=ocp.args.StandardSave(opt_state),
         data=grain.checkpoint.CheckpointSave(data_iterator),
@@ -62,9 +84,19 @@ def save(manager: ocp.CheckpointManager, step: int, params: Any, opt_state: Any,
     return time.perf_counter() - start
 
 
-def state_fingerprints(params: Any, opt_state: Any) -> dict:
-    return {'algorithm': integrity.ALGORITHM, 'params': integrity.tree_fingerprints(params),
-            'opt_state': integrity.tree_fingerprints(opt_state)}
+def state_fingerprints(params: Any, opt_state: Any):
+    """A function giving the step's ``digests`` item; the computation starts now, on the
+    devices, and is waited for when the function is called."""
+    pending = integrity.dispatch_fingerprints({'params': params, 'opt_state': opt_state})
+
+    def resolve() -> dict:
+        flat = pending()
+        out = {'algorithm': integrity.ALGORITHM, 'params': {}, 'opt_state': {}}
+        for name, e in flat.items():
+            item, leaf = name.split('.', 1)
+            out[item][leaf] = e
+        return out
+    return resolve
 
 
 def verify_state(manager: ocp.CheckpointManager, step: int, **trees: Any) -> None:
@@ -74,7 +106,7 @@ def verify_state(manager: ocp.CheckpointManager, step: int, **trees: Any) -> Non
         log.info('checkpoint step %d has no fingerprints (saved by an older version): not '
                  'checked', step)
         return
-    saved = manager.restore(step, args=ocp.args.Composite(digests=ocp.args.JsonRestore()))
+    saved = manager.restore(step, args=ocp.args.Composite(digests=FingerprintsRestore()))
     saved = dict(saved['digests'])
     bad = [f'{item}/{m}' for item, tree in trees.items()
            for m in integrity.mismatches(saved.get(item, {}), integrity.tree_fingerprints(tree))]
@@ -244,7 +276,7 @@ def read_digests(workdir: str, step: int) -> dict:
     if not os.path.isdir(path):
         return {}
     manager, step = _read_only(workdir, step)
-    saved = manager.restore(step, args=ocp.args.Composite(digests=ocp.args.JsonRestore()))
+    saved = manager.restore(step, args=ocp.args.Composite(digests=FingerprintsRestore()))
     manager.close()
     return dict(saved['digests'])
 

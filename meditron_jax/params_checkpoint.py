@@ -360,10 +360,11 @@ def save_params(path: str | os.PathLike, params: model_lib.Params, cfg: model_li
     _check_names_and_shapes(got, leaf_shapes(cfg), what='params')
     primary = jax.process_index() == 0
     # Every process must agree on the temp dir: it is derived from the path, not random.
-    path = destination.check_destination(path, 'params', force)
+    path = os.path.realpath(os.path.abspath(os.fspath(path)))
     tmp = os.path.join(os.path.dirname(path), f'.{os.path.basename(path)}.tmp-save')
     digests = integrity.tree_fingerprints(params)   # all processes: a global computation
     if primary:
+        destination.check_destination(path, 'params', force)
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     multihost_utils.sync_global_devices('meditron_jax.save_params:start')
