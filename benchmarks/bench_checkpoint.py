@@ -50,7 +50,7 @@ def main():
     n = len(jax.devices())
     mesh = sharding.make_mesh(dict(data=1, fsdp=n, tensor=1))
     params = model.init_params(cfg, mesh, seed=0)
-    opt_state = jax.jit(optax.adam(1e-3).init)(params)
+    opt_state = optax.adam(1e-3).init(params)   # eager: mu, nu sharded like the params
     jax.block_until_ready(opt_state)
     state_mb = (nbytes(params) + nbytes(opt_state)) / 1e6
     print(f'{args.preset}: params + Adam state {state_mb:.0f} MB, {n} {jax.devices()[0].platform} '

@@ -99,10 +99,20 @@ def dispatch_fingerprints(tree: Any) -> Callable[[], dict[str, dict]]:
     function that waits for it and gives tree_fingerprints' result: a checkpoint save calls
     that in orbax's background commit thread, so the training loop does not wait for it."""
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    sums = _tree_sums([x for _, x in flat])
+    groups: dict[tuple, list[int]] = {}   # one jitted call per set of devices the leaves are on
+    for i, (_, x) in enumerate(flat):
+        devices = getattr(getattr(x, 'sharding', None), 'device_set', None) or ()
+        groups.setdefault(tuple(sorted(d.id for d in devices)), []).append(i)
+    pending = [(idx, _tree_sums([flat[i][1] for i in idx])) for idx in groups.values()]
     meta = [(_name(p), x.dtype, x.shape) for p, x in flat]
-    return lambda: {name: entry(dt, shape, s)
-                    for (name, dt, shape), s in zip(meta, jax.device_get(sums))}
+
+    def resolve() -> dict[str, dict]:
+        sums: list[Any] = [None] * len(flat)
+        for idx, group_sums in pending:
+            for i, s in zip(idx, jax.device_get(group_sums)):
+                sums[i] = s
+        return {name: entry(dt, shape, s) for (name, dt, shape), s in zip(meta, sums)}
+    return resolve
 
 
 def host_words(x: np.ndarray) -> np.ndarray:
