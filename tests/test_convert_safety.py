@@ -8,6 +8,7 @@ import json
 import os
 import struct
 import sys
+from pathlib import Path
 
 import pytest
 import safetensors.torch
@@ -35,7 +36,8 @@ def snapshot(root):
     for d, _, files in os.walk(root):
         for f in files:
             p = os.path.join(d, f)
-            out[os.path.relpath(p, root)] = hashlib.sha256(open(p, 'rb').read()).hexdigest()
+            with open(p, 'rb') as fh:
+                out[os.path.relpath(p, root)] = hashlib.sha256(fh.read()).hexdigest()
     return out
 
 
@@ -169,9 +171,9 @@ def test_safetensors_header_claiming_2_62_bytes_is_refused_naming_the_sizes(
 def test_safetensors_offsets_past_the_end_are_refused(sources, tmp_path, monkeypatch, capsys):
     src = tmp_path / 'src'
     src.mkdir()
-    (src / 'config.json').write_bytes(open(os.path.join(sources['hf'], 'config.json'), 'rb').read())
+    (src / 'config.json').write_text((Path(sources['hf']) / 'config.json').read_text())
     safetensors.torch.save_file({'model.norm.weight': torch.ones(64)}, src / 'model.safetensors')
-    blob = open(src / 'model.safetensors', 'rb').read()
+    blob = (src / 'model.safetensors').read_bytes()
     n = struct.unpack('<Q', blob[:8])[0]
     header = json.loads(blob[8:8 + n])
     header['model.norm.weight']['data_offsets'] = [0, 2**40]
