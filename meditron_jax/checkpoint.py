@@ -1,11 +1,14 @@
 """Training checkpoints: an orbax CheckpointManager in ``<workdir>/checkpoints``.
 
-Each step directory holds five items:
+Each step directory holds six items:
     params     the model parameters (in the layout model.scan_layers gives, see model.py)
     opt_state  the optimizer state (sharded like the parameters)
     data       the grain iterator state, one JSON per process (grain.checkpoint)
     config     the resolved run config (JSON)
     loop       the loop's own counters (skipped non-finite updates)
+    digests    each params / opt_state array's fingerprint (integrity.py), computed on the devices
+               when the step is saved and checked when it is restored: a step whose bytes
+               changed on disk is treated like an unreadable one (reported, the previous used)
 The step number is the directory name. Saves are asynchronous: ``save`` returns once the arrays
 are copied off the devices, and orbax writes to ``<step>.orbax-checkpoint-tmp`` before renaming,
 so a crash mid-save leaves nothing that looks complete.
@@ -13,6 +16,7 @@ so a crash mid-save leaves nothing that looks complete.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -23,13 +27,36 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from meditron_jax import integrity
+
 log = logging.getLogger(__name__)
 
-ITEMS = ('params', 'opt_state', 'data', 'config', 'loop')
+ITEMS = ('params', 'opt_state', 'data', 'config', 'loop', 'digests')
 
 # model.* keys whose change makes a checkpoint unusable: the shapes and layout of what was saved.
 SHAPE_KEYS = ('vocab_size', 'hidden_size', 'num_layers', 'num_heads', 'num_kv_heads', 'mlp_dim',
               'param_dtype', 'scan_layers')
+
+
+class FingerprintsHandler(ocp.handlers.JsonCheckpointHandler):
+    """The ``digests`` item: JSON, whose content may be given as a function that computes it
+    (integrity.dispatch_fingerprints); orbax runs this in its background commit thread, so the
+    fingerprints, dispatched to the devices before the save, are waited for off the loop."""
+
+    async def _save_fn(self, x, directory):
+        await super()._save_fn(x() if callable(x) else x, directory)
+
+
+@ocp.args.register_with_handler(FingerprintsHandler, for_save=True)
+@dataclasses.dataclass
+class FingerprintsSave(ocp.args.CheckpointArgs):
+    item: Any
+
+
+@ocp.args.register_with_handler(FingerprintsHandler, for_restore=True)
+@dataclasses.dataclass
+class FingerprintsRestore(ocp.args.CheckpointArgs):
+    item: Any = None
 
 
 def make_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
@@ -43,7 +70,9 @@ def save(manager: ocp.CheckpointManager, step: int, params: Any, opt_state: Any,
          data_iterator: Any, config: dict, loop: dict) -> float:
     """Starts an async save of one step; returns how long the call blocked, in seconds."""
     start = time.perf_counter()
+    digests = state_fingerprints(params, opt_state)
     saved = manager.save(step, args=ocp.args.Composite(
+        digests=FingerprintsSave(digests),
         params=ocp.args.StandardSave(params),
         opt_state=ocp.args.StandardSave(opt_state),
         data=grain.checkpoint.CheckpointSave(data_iterator),
@@ -53,6 +82,38 @@ def save(manager: ocp.CheckpointManager, step: int, params: Any, opt_state: Any,
         raise RuntimeError(f'checkpoint step {step} was not saved: {manager.directory} already '
                            f'holds steps {sorted(manager.all_steps())}')
     return time.perf_counter() - start
+
+
+def state_fingerprints(params: Any, opt_state: Any):
+    """A function giving the step's ``digests`` item; the computation starts now, on the
+    devices, and is waited for when the function is called."""
+    pending = integrity.dispatch_fingerprints({'params': params, 'opt_state': opt_state})
+
+    def resolve() -> dict:
+        flat = pending()
+        out = {'algorithm': integrity.ALGORITHM, 'params': {}, 'opt_state': {}}
+        for name, e in flat.items():
+            item, leaf = name.split('.', 1)
+            out[item][leaf] = e
+        return out
+    return resolve
+
+
+def verify_state(manager: ocp.CheckpointManager, step: int, **trees: Any) -> None:
+    """Raises IntegrityError naming each restored array whose fingerprint differs from the one
+    saved with ``step`` (steps saved before fingerprints existed pass unchecked)."""
+    if not _has_item(manager, step, 'digests'):
+        log.info('checkpoint step %d has no fingerprints (saved by an older version): not '
+                 'checked', step)
+        return
+    saved = manager.restore(step, args=ocp.args.Composite(digests=FingerprintsRestore()))
+    saved = dict(saved['digests'])
+    bad = [f'{item}/{m}' for item, tree in trees.items()
+           for m in integrity.mismatches(saved.get(item, {}), integrity.tree_fingerprints(tree))]
+    if bad:
+        raise integrity.IntegrityError(
+            f'arrays differ from what was saved (damaged on disk): {"; ".join(bad[:8])}'
+            + (f' and {len(bad) - 8} more' if len(bad) > 8 else ''))
 
 
 def restore_latest(manager: ocp.CheckpointManager, abstract_params: Any, abstract_opt_state: Any,
@@ -86,6 +147,8 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_params: Any, abstrac
                 opt_state=ocp.args.StandardRestore(abstract_opt_state),
                 data=grain.checkpoint.CheckpointRestore(data_iterator),
                 **({'loop': ocp.args.JsonRestore()} if _has_item(manager, step, 'loop') else {})))
+            verify_state(manager, step, params=restored['params'],
+                         opt_state=restored['opt_state'])
         except Exception as e:  # noqa: BLE001 - any unreadable step falls back to the previous
             log.warning('checkpoint step %d in %s could not be restored (%s: %s); trying the '
                         'previous step', step, manager.directory, type(e).__name__,
@@ -174,12 +237,48 @@ def _read_only(workdir: str, step: int | None) -> tuple[ocp.CheckpointManager, i
 
 def restore_params(workdir: str, abstract_params: Any, step: int | None = None
                    ) -> tuple[int, Any, dict]:
-    """Params and config of a training workdir's latest (or given) complete step."""
-    manager, step = _read_only(workdir, step)
-    restored = manager.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(abstract_params), config=ocp.args.JsonRestore()))
+    """Params and config of a training workdir's latest (or given) complete step, checked
+    against their fingerprints. Without ``step``, a damaged or unreadable latest step is
+    reported and the previous one used (the workdir is not modified)."""
+    manager, latest = _read_only(workdir, step)
+    steps = [step] if step is not None else sorted(manager.all_steps(), reverse=True)
+    try:
+        for s in steps:
+            try:
+                restored = manager.restore(s, args=ocp.args.Composite(
+                    params=ocp.args.StandardRestore(abstract_params),
+                    config=ocp.args.JsonRestore()))
+                verify_state(manager, s, params=restored['params'])
+            except Exception as e:  # noqa: BLE001 - a damaged step falls back to the previous
+                if s == steps[-1]:
+                    raise RuntimeError(f'checkpoint step {s} in {manager.directory} could not be '
+                                       f'restored: {type(e).__name__}: {e}') from e
+                log.warning('checkpoint step %d in %s could not be restored (%s: %s); trying the '
+                            'previous step', s, manager.directory, type(e).__name__,
+                            str(e).splitlines()[0][:300] if str(e) else '')
+                continue
+            return s, restored['params'], dict(restored['config'])
+    finally:
+        manager.close()
+
+
+def complete_steps(workdir: str) -> list[int]:
+    """A workdir's complete checkpoint steps, newest first."""
+    manager, _ = _read_only(workdir, None)
+    steps = sorted(manager.all_steps(), reverse=True)
     manager.close()
-    return step, restored['params'], dict(restored['config'])
+    return steps
+
+
+def read_digests(workdir: str, step: int) -> dict:
+    """The fingerprints saved with a step ({} for steps saved before they existed)."""
+    path = os.path.join(os.path.abspath(workdir), 'checkpoints', str(step), 'digests')
+    if not os.path.isdir(path):
+        return {}
+    manager, step = _read_only(workdir, step)
+    saved = manager.restore(step, args=ocp.args.Composite(digests=FingerprintsRestore()))
+    manager.close()
+    return dict(saved['digests'])
 
 
 def read_config(workdir: str, step: int | None = None) -> tuple[int, dict]:

@@ -5,7 +5,10 @@ On disk (``DST/``)::
 
     meditron_params.json   {"format": "meditron_jax.params", "version": 1,
                             "model": {LlamaConfig fields}, "true_vocab_size": int,
-                            "dtype": "bfloat16", "source": "...", "token_ids": {...}}
+                            "dtype": "bfloat16", "source": "...", "token_ids": {...},
+                            "digest_algorithm": "fmix32x2-v1",
+                            "digests": {leaf: {dtype, shape, fingerprint}}}
+    .meditron-output.json  what meditron-convert / save_params wrote here (destination.py)
     params/                an orbax PyTree checkpoint of the canonical stacked params
                            (model.py's scheme): restorable with plain orbax, e.g.
                            ocp.StandardCheckpointer().restore(DST/'params', targets)
@@ -30,6 +33,9 @@ Two writers produce ``params/``, for two kinds of input:
   slices (the slice just read, tensorstore's copy and its compressed chunk, with at most one
   write in flight while the next slice is read), never a whole stacked leaf.
 
+Both writers record each leaf's fingerprint (integrity.py) in ``meditron_params.json``; both
+readers recompute it and refuse a damaged array by name.
+
 Readers: ``load_params`` restores through orbax onto the given shardings (each device reads its
 own slice; no whole tensor is materialised on the host), and ``ParamsReader`` reads one layer
 slice at a time (the exporters), for checkpoints from either writer.
@@ -42,13 +48,13 @@ import json
 import os
 import shutil
 import time
-import uuid
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
 import numpy as np
 
+from meditron_jax import destination, integrity
 from meditron_jax import model as model_lib
 
 FORMAT = 'meditron_jax.params'
@@ -105,48 +111,29 @@ def config_from_json(d: Mapping[str, Any], where: str = '') -> model_lib.LlamaCo
     return model_lib.LlamaConfig(**d)
 
 
-# ------------------------------------------------------------------------------ destination
+# ------------------------------------------------------------------------------ json files
 
 
-def prepare_destination(path: str | os.PathLike, force: bool) -> tuple[str, str]:
-    """Refuses a non-empty destination unless ``force``; returns (final path, fresh temp dir).
-
-    The temp dir is a sibling (same filesystem), so ``finish_destination`` is a rename.
-    """
-    path = os.path.abspath(os.fspath(path))
-    if os.path.exists(path):
-        if not os.path.isdir(path):
-            raise FileExistsError(f'destination {path} exists and is not a directory')
-        if os.listdir(path) and not force:
-            raise FileExistsError(f'destination {path} exists and is not empty; '
-                                  f'pass --force (force=True) to replace it')
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent,
-                       f'.{os.path.basename(path)}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}')
-    os.makedirs(tmp)
-    return path, tmp
-
-
-def finish_destination(tmp: str, path: str) -> None:
-    """Moves a complete temp dir into place, replacing an old destination (checked before)."""
-    if os.path.exists(path):
-        old = tmp + '.old'
-        os.rename(path, old)
-        os.rename(tmp, path)
-        shutil.rmtree(old)
-    else:
-        os.rename(tmp, path)
+def read_json(path: str, what: str = 'JSON file') -> Any:
+    """A JSON file's content; invalid JSON is reported with the file, line and column."""
+    with open(path) as f:
+        text = f.read()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ParamsCheckpointError(f'{path}: not a valid {what}: {e.msg} at line {e.lineno} '
+                                    f'column {e.colno}') from None
 
 
 def _write_meta(directory: str, cfg: model_lib.LlamaConfig, true_vocab_size: int | None,
-                extra: Mapping[str, Any] | None) -> None:
+                extra: Mapping[str, Any] | None, digests: Mapping[str, dict]) -> None:
     true_vocab_size = cfg.vocab_size if true_vocab_size is None else int(true_vocab_size)
     if not 0 < true_vocab_size <= cfg.vocab_size:
         raise ParamsCheckpointError(f'true_vocab_size={true_vocab_size} must be in '
                                     f'1..vocab_size={cfg.vocab_size}')
     meta = dict(format=FORMAT, version=VERSION, model=config_to_json(cfg),
-                true_vocab_size=true_vocab_size, dtype=cfg.param_dtype, **(extra or {}))
+                true_vocab_size=true_vocab_size, dtype=cfg.param_dtype, **(extra or {}),
+                digest_algorithm=integrity.ALGORITHM, digests=dict(digests))
     with open(os.path.join(directory, META_FILE), 'w') as f:
         json.dump(meta, f, indent=2)
 
@@ -165,9 +152,8 @@ def read_metadata(path: str | os.PathLike) -> dict:
         raise ParamsCheckpointError(
             f'{path} is not a params checkpoint: {META_FILE} is missing (write one with '
             f'meditron-convert import-hf/import-meta or params_checkpoint.save_params)')
-    with open(meta_path) as f:
-        meta = json.load(f)
-    if meta.get('format') != FORMAT or meta.get('version') != VERSION:
+    meta = read_json(meta_path, 'params checkpoint metadata file')
+    if not isinstance(meta, dict) or meta.get('format') != FORMAT or meta.get('version') != VERSION:
         raise ParamsCheckpointError(f'{meta_path}: format {meta.get("format")!r} version '
                                     f'{meta.get("version")!r}, expected {FORMAT!r} {VERSION}')
     return meta
@@ -210,7 +196,8 @@ def load_params(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = None,
     Placement: ``shardings`` (a tree like the params) if given, else
     ``model.param_shardings(cfg, mesh)`` for a mesh, else the first device. Each device reads
     only its own slice through orbax/tensorstore. ``dtype`` casts on read (default: as stored,
-    which is what the returned config's ``param_dtype`` says).
+    which is what the returned config's ``param_dtype`` says). The arrays are checked against
+    the fingerprints saved with them (before any cast); a mismatch raises naming the arrays.
     """
     path = os.path.abspath(os.fspath(path))
     cfg = read_config(path).replace(scan_layers=True)
@@ -226,25 +213,51 @@ def load_params(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = None,
             shardings = jax.tree.map(lambda _: device, abstract)
 
     def target(p, leaf, sharding):
-        dt = leaf.dtype if dtype is not None else stored_dtypes[leaf_name(p)]
-        return jax.ShapeDtypeStruct(leaf.shape, dt, sharding=sharding)
+        return jax.ShapeDtypeStruct(leaf.shape, stored_dtypes[leaf_name(p)], sharding=sharding)
 
     targets = jax.tree_util.tree_map_with_path(target, abstract, shardings)
     import orbax.checkpoint as ocp
-    with ocp.StandardCheckpointer() as ckptr:
-        params = ckptr.restore(os.path.join(path, PARAMS_DIR), targets)
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            params = ckptr.restore(os.path.join(path, PARAMS_DIR), targets)
+    except (ValueError, OSError) as e:   # tensorstore's errors for unreadable or damaged files
+        raise ParamsCheckpointError(f'{path}: the params could not be read ({type(e).__name__}: '
+                                    f'{str(e).splitlines()[0][:300] if str(e) else ""})') from e
+    verify(path, read_metadata(path), params)
+    if dtype is not None:
+        flat, treedef = jax.tree.flatten(params)
+        for i, x in enumerate(flat):   # one leaf at a time: the stored copy goes as we go
+            flat[i] = x.astype(dtype)
+            del x
+        params = jax.tree.unflatten(treedef, flat)
     return params, cfg
 
 
-class ParamsReader:
-    """Reads one leaf or one layer slice at a time, as numpy, from either writer's output."""
+def verify(path: str, meta: Mapping[str, Any], params: Any) -> None:
+    """Raises ParamsCheckpointError naming each array whose fingerprint differs from the one
+    recorded at save time (checkpoints written before fingerprints existed pass unchecked)."""
+    if not meta.get('digests'):
+        return
+    bad = integrity.mismatches(meta['digests'], integrity.tree_fingerprints(params))
+    if bad:
+        raise ParamsCheckpointError(f'{path}: damaged checkpoint, arrays differ from what was '
+                                    f'saved: {"; ".join(bad)}')
 
-    def __init__(self, path: str | os.PathLike):
+
+class ParamsReader:
+    """Reads one leaf or one layer slice at a time, as numpy, from either writer's output.
+
+    Every leaf read whole (or all of whose layer slices are read, each once) is checked against
+    the fingerprint saved with it; a mismatch raises ParamsCheckpointError naming the leaf.
+    ``step`` picks a training workdir's step (default: the latest complete one).
+    """
+
+    def __init__(self, path: str | os.PathLike, step: int | None = None):
         from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
         self.path = os.path.abspath(os.fspath(path))
         if not is_params_checkpoint(self.path) and os.path.isdir(
                 os.path.join(self.path, 'checkpoints')):
-            self.meta, params_dir = workdir_meta(self.path)
+            self.meta, params_dir = workdir_meta(self.path, step)
             if not self.meta['model']['scan_layers']:
                 raise ParamsCheckpointError(
                     f'{self.path}: trained with model.scan_layers=False (per-layer params); '
@@ -256,8 +269,7 @@ class ParamsReader:
         self.true_vocab_size = int(self.meta['true_vocab_size'])
         self.dtypes = check_stored_shapes(self.path, self.config, params_dir)
         self.shapes = leaf_shapes(self.config)
-        with open(os.path.join(params_dir, '_METADATA')) as f:
-            tree_meta = json.load(f)
+        tree_meta = read_json(os.path.join(params_dir, '_METADATA'), 'orbax metadata file')
         use_ocdbt = os.path.exists(os.path.join(params_dir, 'manifest.ocdbt'))
         self._specs = {
             name: ts_utils.ArrayReadSpec(params_dir, name, use_zarr3=bool(tree_meta['use_zarr3']),
@@ -265,6 +277,9 @@ class ParamsReader:
             for name in self.shapes}
         self._context = ts_utils.get_ts_context(use_ocdbt=use_ocdbt)
         self._open: dict[str, Any] = {}
+        self.digests = dict(self.meta.get('digests') or {})
+        self._sums = integrity.Accumulator()
+        self._read: dict[str, set[int]] = {}
 
     def _array(self, name: str):
         import tensorstore as ts
@@ -277,15 +292,41 @@ class ParamsReader:
 
     def read(self, name: str, layer: int | None = None) -> np.ndarray:
         arr = self._array(name)
-        return np.asarray((arr if layer is None else arr[layer]).read().result())
+        try:
+            x = np.asarray((arr if layer is None else arr[layer]).read().result())
+        except ValueError as e:   # tensorstore: a missing, truncated or undecodable chunk
+            where = name if layer is None else f'{name}[{layer}]'
+            raise ParamsCheckpointError(f'{self.path}: array {where} could not be read: '
+                                        f'{str(e).splitlines()[0][:300]}') from e
+        self._check(name, layer, x)
+        return x
+
+    def _check(self, name: str, layer: int | None, x: np.ndarray) -> None:
+        if name not in self.digests:
+            return
+        done = self._read.setdefault(name, set())
+        key = -1 if layer is None else layer
+        if key in done or -1 in done:
+            return
+        done.add(key)
+        offset = 0 if layer is None else layer * x.size * integrity.words_per_element(x.dtype)
+        self._sums.add(name, x, offset)
+        shape = self.shapes[name]
+        if key == -1 or len(done) == shape[0]:
+            got = integrity.entry(x.dtype, shape, self._sums.sums[name])
+            bad = integrity.mismatches({name: self.digests[name]}, {name: got})
+            if bad:
+                raise ParamsCheckpointError(f'{self.path}: damaged checkpoint, {bad[0]} '
+                                            f'(fingerprint recorded at save time)')
 
 
-def workdir_meta(workdir: str) -> tuple[dict, str]:
-    """Metadata and params directory of a training workdir's latest complete step, so that the
-    exporters read a trained model directly. The true vocabulary is the prepared data's
-    tokenizer's when its manifest is there."""
+def workdir_meta(workdir: str, step: int | None = None) -> tuple[dict, str]:
+    """Metadata (with the step's params fingerprints) and params directory of a training
+    workdir's latest (or given) complete step, so that the exporters read a trained model
+    directly. The true vocabulary is the prepared data's tokenizer's when its manifest is
+    there."""
     from meditron_jax import checkpoint
-    step, config = checkpoint.read_config(workdir)
+    step, config = checkpoint.read_config(workdir, step)
     cfg = model_lib.LlamaConfig(**config['model'])
     true_vocab = cfg.vocab_size
     manifest = os.path.join(config['data']['dir'] or os.path.join(workdir, 'data'),
@@ -294,7 +335,8 @@ def workdir_meta(workdir: str) -> tuple[dict, str]:
         with open(manifest) as f:
             true_vocab = int(json.load(f)['tokenizer']['vocab_size'])
     meta = dict(model=config_to_json(cfg), true_vocab_size=true_vocab,
-                source=f'training workdir {workdir} step {step}')
+                source=f'training workdir {workdir} step {step}', step=step,
+                digests=checkpoint.read_digests(workdir, step).get('params', {}))
     return meta, os.path.join(workdir, 'checkpoints', str(step), 'params')
 
 
@@ -318,11 +360,11 @@ def save_params(path: str | os.PathLike, params: model_lib.Params, cfg: model_li
     _check_names_and_shapes(got, leaf_shapes(cfg), what='params')
     primary = jax.process_index() == 0
     # Every process must agree on the temp dir: it is derived from the path, not random.
-    path = os.path.abspath(os.fspath(path))
+    path = os.path.realpath(os.path.abspath(os.fspath(path)))
     tmp = os.path.join(os.path.dirname(path), f'.{os.path.basename(path)}.tmp-save')
+    digests = integrity.tree_fingerprints(params)   # all processes: a global computation
     if primary:
-        if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)) and not force:
-            raise FileExistsError(f'destination {path} exists and is not empty; pass force=True')
+        destination.check_destination(path, 'params', force)
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     multihost_utils.sync_global_devices('meditron_jax.save_params:start')
@@ -331,8 +373,8 @@ def save_params(path: str | os.PathLike, params: model_lib.Params, cfg: model_li
             ckptr.save(os.path.join(tmp, PARAMS_DIR), params)
             ckptr.wait_until_finished()
         if primary:
-            _write_meta(tmp, cfg, true_vocab_size, extra_meta)
-            finish_destination(tmp, path)
+            _write_meta(tmp, cfg, true_vocab_size, extra_meta, digests)
+            destination.finish_destination(tmp, path, 'params')
     except BaseException:
         if primary:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -369,20 +411,22 @@ class ParamsWriter:
 
     def __init__(self, path: str | os.PathLike, cfg: model_lib.LlamaConfig, *,
                  true_vocab_size: int | None = None, force: bool = False,
-                 extra_meta: Mapping[str, Any] | None = None, compression: bool = True):
+                 extra_meta: Mapping[str, Any] | None = None, compression: bool = True,
+                 sources: tuple[str, ...] = ()):
         self.cfg = cfg.replace(scan_layers=True)
         self.dtype = np.dtype(jax.numpy.dtype(self.cfg.param_dtype))
         self.shapes = leaf_shapes(self.cfg)
         self.true_vocab_size = true_vocab_size
         self.extra_meta = dict(extra_meta or {})
         self.compression = compression
-        self.path, self.tmp = prepare_destination(path, force)
+        self.path, self.tmp = destination.prepare_destination(path, force, 'params', sources)
         self.params_dir = os.path.join(self.tmp, PARAMS_DIR)
         os.makedirs(self.params_dir)
         self._arrays: dict[str, Any] = {}
         self._written: dict[str, set[int]] = {n: set() for n in self.shapes}
         self._pending = None
         self._init_ns = time.time_ns()
+        self._sums = integrity.Accumulator()
         self.bytes_written = 0
 
     def __enter__(self) -> 'ParamsWriter':
@@ -434,7 +478,15 @@ class ParamsWriter:
         arr = self._open(name)
         self._wait()
         self._pending = (arr if layer is None else arr[layer]).write(value)
-        self._written[name].add(-1 if layer is None else layer)
+        key = -1 if layer is None else layer
+        if key in self._written[name]:
+            raise ParamsCheckpointError(f'{name}{"" if layer is None else f"[{layer}]"} written '
+                                        f'twice')
+        # Fingerprinted while tensorstore encodes and writes the slice.
+        offset = 0 if layer is None else layer * value.size * integrity.words_per_element(
+            self.dtype)
+        self._sums.add(name, value, offset)
+        self._written[name].add(key)
         self.bytes_written += value.nbytes
 
     def missing(self) -> list[str]:
@@ -454,8 +506,10 @@ class ParamsWriter:
             if missing:
                 raise ParamsCheckpointError(f'{self.path}: nothing written for {missing}')
             self._write_orbax_metadata()
-            _write_meta(self.tmp, self.cfg, self.true_vocab_size, self.extra_meta)
-            finish_destination(self.tmp, self.path)
+            digests = {n: integrity.entry(self.dtype, self.shapes[n], self._sums.sums[n])
+                       for n in self.shapes}
+            _write_meta(self.tmp, self.cfg, self.true_vocab_size, self.extra_meta, digests)
+            destination.finish_destination(self.tmp, self.path, 'params')
         except BaseException:
             self.abort()
             raise

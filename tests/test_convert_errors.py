@@ -1,6 +1,6 @@
 """Every refusal of meditron-convert names what is wrong and leaves nothing at the destination:
-missing, extra and wrongly shaped tensors, a non-empty destination, a .bin holding a pickled
-object, a Meta rank lacking a tensor, and a source that fails half-way through the stream."""
+missing, extra and wrongly shaped tensors, a .bin holding a pickled
+object, a Meta rank lacking a tensor, and a source that fails half-way through the stream (destinations: test_convert_safety.py)."""
 
 import os
 
@@ -59,20 +59,6 @@ def test_wrong_shape_names_found_and_expected(state, tmp_path):
                    r'expected \[32, 64\]')
 
 
-def test_non_empty_destination_is_refused_unless_force(state, tmp_path):
-    config, tensors = state
-    src = write_hf(tmp_path / 'src', config, tensors)
-    dst = tmp_path / 'dst'
-    dst.mkdir()
-    (dst / 'keep.txt').write_text('mine')
-    with pytest.raises(FileExistsError, match=r'is not empty.*--force'):
-        hf.import_hf(src, str(dst))
-    assert sorted(os.listdir(dst)) == ['keep.txt']
-    hf.import_hf(src, str(dst), force=True)
-    assert not (dst / 'keep.txt').exists() and pc.is_params_checkpoint(dst)
-    assert fx.leftovers(str(tmp_path), '.dst.tmp') == []
-
-
 class _Payload:
     """Unpickling this would create a file: proof that pickled code ran."""
     marker = ''
@@ -104,13 +90,34 @@ def test_bin_with_a_non_tensor_value_is_refused(state, tmp_path):
                    r'entries that are not tensors: step \(int\)')
 
 
-def test_failure_half_way_through_the_stream_leaves_nothing(state, tmp_path):
+def test_truncated_safetensors_is_refused_before_anything_is_written(state, tmp_path):
     config, tensors = state
     src = write_hf(tmp_path / 'src', config, tensors)
     path = os.path.join(src, 'model.safetensors')
     with open(path, 'r+b') as f:          # the last tensors' bytes are gone
         f.truncate(os.path.getsize(path) - 4096)
-    assert_refused(tmp_path, lambda d: hf.import_hf(src, d), r'truncated data for tensor')
+    assert_refused(tmp_path, lambda d: hf.import_hf(src, d),
+                   r'model\.safetensors: tensor [\w.]+ claims bytes \d+\.\.\d+ of the '
+                   r'data, but the file holds \d+ data bytes')
+
+
+def test_failure_half_way_through_the_stream_leaves_nothing(state, tmp_path):
+    from meditron_jax.convert import common
+    config, tensors = state
+    src = write_hf(tmp_path / 'src', config, tensors)
+    weights = hf.open_hf_weights(src)
+    cfg, true_vocab = hf.config_from_hf(config.to_dict(), 'config.json')
+    plan = common.torch_tensor_plan(cfg, true_vocab)
+    done = []
+
+    def read(name):                       # the source becomes unreadable after 10 tensors
+        if len(done) == 10:
+            raise ConversionError(f'{name}: read error')
+        done.append(name)
+        return weights.read(name)
+    assert_refused(tmp_path, lambda d: common.import_stream(
+        read, plan, cfg, d, true_vocab=true_vocab, force=False, extra_meta={}, src=src),
+        r'model\.layers\.1\.self_attn\.q_proj\.weight: read error')
 
 
 def test_meta_rank_lacking_a_tensor_is_named(tmp_path):

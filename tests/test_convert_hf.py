@@ -153,4 +153,4 @@ def test_cli_import_then_refuses_non_empty_destination(hf_dirs, tmp_path):
         num_kv_heads=fx.KV_HEADS, mlp_dim=fx.MLP, max_seq_len=64, param_dtype='float32')
     second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert second.returncode == 2
-    assert 'is not empty' in second.stderr and '--force' in second.stderr
+    assert 'holds a previous params checkpoint; pass --force' in second.stderr

@@ -160,6 +160,10 @@ def test_two_processes_train_like_one_and_read_their_own_documents(data_dir, tmp
     abstract, _ = train.abstract_state(cfg, optim.make_optimizer(config.optim, STEPS), mesh)
     step, restored, _ = checkpoint.restore_params(workdir, abstract.params)
     assert step == STEPS
+    # ... checked against the fingerprints the two processes computed when saving.
+    digests = checkpoint.read_digests(workdir, step)
+    assert set(digests['params']) == {jax.tree_util.keystr(p, simple=True, separator='.')
+                                      for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), b, rtol=1e-4, atol=1e-6),
                  restored, params)
 

@@ -96,3 +96,61 @@ def test_config_that_does_not_match_the_stored_arrays_is_refused(params, tmp_pat
                        match=r'layers\.mlp\.gate\.kernel: stored \(2, 64, 128\), '
                              r'config needs \(2, 64, 256\)'):
         pc.load_params(path)
+
+
+def flip_middle(directory, nbytes=64):
+    """XORs nbytes in the middle of the largest data file under directory; returns its path."""
+    files = [os.path.join(d, f) for d, _, fs in os.walk(directory) for f in fs
+             if not f.startswith('_') and not f.endswith('.json') and 'manifest' not in f]
+    path = max(files, key=os.path.getsize)
+    with open(path, 'r+b') as f:
+        f.seek(os.path.getsize(path) // 2)
+        data = bytearray(f.read(nbytes))
+        f.seek(os.path.getsize(path) // 2)
+        f.write(bytes(b ^ 0x5A for b in data))
+    return path
+
+
+def test_fingerprints_match_across_writers_meshes_and_slices(params, tmp_path):
+    streamed = stream(str(tmp_path / 'streamed'), params)
+    saved = pc.save_params(str(tmp_path / 'saved'), params, CFG)
+    a, b = (pc.read_metadata(p)['digests'] for p in (streamed, saved))
+    assert a == b and set(a) == set(pc.leaf_shapes(CFG))
+    reader = pc.ParamsReader(saved)        # slice by slice, out of order: same sums
+    for layer in (1, 0):
+        reader.read('layers.attn.q.kernel', layer)
+    one, _ = pc.load_params(streamed)      # on one device: verified on load
+    assert_equal_trees(one, params)
+
+
+@pytest.mark.parametrize('writer', ['streamed', 'saved'])
+def test_flipped_bytes_are_refused_naming_the_array(params, writer, tmp_path):
+    if writer == 'streamed':   # uncompressed: the flip decodes to wrong values, silently
+        path = stream(str(tmp_path / 'ckpt'), params, compression=False)
+    else:                      # orbax's own save: OCDBT, zstd
+        path = pc.save_params(str(tmp_path / 'ckpt'), params, CFG)
+    flipped = flip_middle(os.path.join(path, 'params'))
+    with pytest.raises(pc.ParamsCheckpointError, match=rf'{path}: .*damaged|could not be read'):
+        pc.load_params(path)
+    if writer == 'streamed':   # zarr3 without OCDBT: params/<leaf>/c/... names the leaf
+        leaf = os.path.relpath(flipped, os.path.join(path, 'params')).split(os.sep)[0]
+        assert leaf in pc.leaf_shapes(CFG)
+        with pytest.raises(pc.ParamsCheckpointError,
+                           match=rf'damaged checkpoint, .*{leaf}: contents differ'):
+            pc.load_params(path)
+        reader = pc.ParamsReader(path)
+        with pytest.raises(pc.ParamsCheckpointError, match=rf'damaged checkpoint, {leaf}:'):
+            for name, shape in pc.leaf_shapes(CFG).items():
+                for layer in range(shape[0]) if pc.is_stacked(name) else [None]:
+                    reader.read(name, layer)
+
+
+def test_save_params_refuses_to_replace_a_directory_it_did_not_write(params, tmp_path):
+    (tmp_path / 'mine').mkdir()
+    (tmp_path / 'mine' / 'data.bin').write_bytes(b'x')
+    with pytest.raises(FileExistsError, match=r'not an output of meditron-convert'):
+        pc.save_params(str(tmp_path / 'mine'), params, CFG, force=True)
+    assert os.listdir(tmp_path / 'mine') == ['data.bin']
+    first = pc.save_params(str(tmp_path / 'out'), params, CFG)
+    assert pc.save_params(first, params, CFG, force=True) == first
+    assert sorted(os.listdir(tmp_path)) == ['mine', 'out']

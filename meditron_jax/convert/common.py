@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from collections.abc import Callable, Iterable, Mapping
 
 import ml_dtypes
@@ -216,11 +217,11 @@ def torch_dtype(name: str):
 
 def import_stream(read: Callable[[str], np.ndarray], plan, cfg: model_lib.LlamaConfig, dst: str,
                   *, true_vocab: int, force: bool, extra_meta: Mapping,
-                  end_of_layer: Callable[[], None] = lambda: None) -> str:
+                  end_of_layer: Callable[[], None] = lambda: None, src: str) -> str:
     """Reads the plan's torch tensors one at a time, converts and writes them to a params
     checkpoint; ``end_of_layer`` lets a reader drop the file mappings of the layer just done."""
     with pc.ParamsWriter(dst, cfg, true_vocab_size=true_vocab, force=force,
-                         extra_meta=extra_meta) as writer:
+                         extra_meta=extra_meta, sources=(src,)) as writer:
         last_layer = None
         for name, rule, layer, _ in plan:
             if layer != last_layer:
@@ -238,3 +239,59 @@ def export_tensor(reader: pc.ParamsReader, rule: TensorRule, layer: int | None,
     x = reader.read(rule.leaf, layer)
     x = unpad_vocab(rule.leaf, x, reader.true_vocab_size)
     return np.ascontiguousarray(rule.to_torch(x, reader.config), dtype=dtype)
+
+
+def export_with_fallback(src: str, export: Callable[[pc.ParamsReader], str]) -> str:
+    """Runs ``export`` on a params checkpoint, or on a training workdir's latest complete step;
+    a step that cannot be read or fails its fingerprints is reported and the previous one tried,
+    as training does (the workdir is left as it is)."""
+    if pc.is_params_checkpoint(src) or not os.path.isdir(os.path.join(src, 'checkpoints')):
+        return export(pc.ParamsReader(src))
+    from meditron_jax import checkpoint
+    steps = checkpoint.complete_steps(src)
+    for i, step in enumerate(steps):
+        try:
+            try:
+                reader = pc.ParamsReader(src, step)
+            except Exception as e:  # noqa: BLE001 - whatever a damaged step's files raise
+                raise pc.ParamsCheckpointError(f'{type(e).__name__}: {e}') from e
+            return export(reader)
+        except pc.ParamsCheckpointError as e:
+            if i == len(steps) - 1:
+                raise pc.ParamsCheckpointError(
+                    f'{src}: no checkpoint step could be exported (steps {steps}); step {step}: '
+                    f'{str(e).splitlines()[0][:300]}') from e
+            logging.warning('%s: checkpoint step %d cannot be exported (%s); trying the previous '
+                            'step', src, step, str(e).splitlines()[0][:300])
+    raise FileNotFoundError(f'{src}/checkpoints holds no complete checkpoint step')
+
+
+def check_tokenizer(path: str, model_vocab: int | None, dirs: bool) -> None:
+    """Refuses, before any weight is written, a ``--tokenizer`` that does not exist, is not a
+    SentencePiece model (or, with ``dirs``, a directory of HF tokenizer files), or has more
+    pieces than the model has vocabulary rows."""
+    names = ('tokenizer.model', 'tokenizer.json', 'tokenizer_config.json',
+             'special_tokens_map.json', 'added_tokens.json')
+    if not os.path.exists(path):
+        raise ConversionError(f'--tokenizer {path} does not exist')
+    if os.path.isdir(path):
+        found = [n for n in names if os.path.isfile(os.path.join(path, n))]
+        if not dirs or not found:
+            expected = (f'a SentencePiece .model file or a directory with one of {list(names)}'
+                        if dirs else 'a SentencePiece .model file')
+            raise ConversionError(f'--tokenizer {path} is a directory; expected {expected}')
+        for n in found:
+            if n.endswith('.json'):
+                pc.read_json(os.path.join(path, n), 'tokenizer file')
+        if 'tokenizer.model' in found:
+            check_tokenizer(os.path.join(path, 'tokenizer.model'), model_vocab, dirs=False)
+        return
+    import sentencepiece as spm
+    try:
+        pieces = spm.SentencePieceProcessor(model_file=path).get_piece_size()
+    except Exception as e:  # noqa: BLE001 - sentencepiece raises RuntimeError / OSError
+        raise ConversionError(f'--tokenizer {path} is not a SentencePiece model '
+                              f'({type(e).__name__}: {str(e)[:200]})') from None
+    if model_vocab is not None and pieces > model_vocab:
+        raise ConversionError(f'--tokenizer {path} has {pieces} pieces but the model has '
+                              f'{model_vocab} vocabulary entries: not this model\'s tokenizer')

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 
+from meditron_jax import destination
 from meditron_jax import model as model_lib
 from meditron_jax import params_checkpoint as pc
 from meditron_jax.convert import common
@@ -33,6 +34,7 @@ _ST_DTYPES = {'F64': 'float64', 'F32': 'float32', 'F16': 'float16', 'BF16': 'bfl
 _ST_CODES = {v: k for k, v in _ST_DTYPES.items()}
 # Non-parameter buffers some older HF checkpoints carry.
 IGNORED_SUFFIXES = ('rotary_emb.inv_freq',)
+MAX_HEADER_BYTES = 100_000_000   # the safetensors format's own limit
 
 
 # ------------------------------------------------------------------------------ safetensors
@@ -49,13 +51,29 @@ class SafetensorsFile:
             if len(head) != 8:
                 raise ConversionError(f'{path}: not a safetensors file (shorter than 8 bytes)')
             (n,) = struct.unpack('<Q', head)
+            size = os.fstat(f.fileno()).st_size
+            if n > min(size - 8, MAX_HEADER_BYTES):
+                raise ConversionError(
+                    f'{path}: not a valid safetensors file: its header claims {n} bytes, but the '
+                    f'file has {size} bytes (and headers are at most {MAX_HEADER_BYTES})')
             try:
                 header = json.loads(f.read(n))
             except ValueError as e:
                 raise ConversionError(f'{path}: unreadable safetensors header: {e}') from e
+        if not isinstance(header, dict):
+            raise ConversionError(f'{path}: safetensors header is not a JSON object')
         header.pop('__metadata__', None)
         self.data_start = 8 + n
         self.entries = header
+        for name, e in header.items():
+            try:
+                begin, end = (int(v) for v in e['data_offsets'])
+            except (KeyError, TypeError, ValueError):
+                raise ConversionError(f'{path}: tensor {name} has no valid data_offsets') from None
+            if not 0 <= begin <= end <= size - self.data_start:
+                raise ConversionError(
+                    f'{path}: tensor {name} claims bytes {begin}..{end} of the data, but the file '
+                    f'holds {size - self.data_start} data bytes')
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.entries[name]['shape'])
@@ -171,8 +189,10 @@ class SafetensorsFiles:
 def open_hf_weights(src: str):
     """The weight files of a HF checkpoint directory, safetensors preferred."""
     def from_index(index_file):
-        with open(index_file) as f:
-            weight_map = json.load(f)['weight_map']
+        index = pc.read_json(index_file, 'weights index')
+        if not isinstance(index, dict) or not isinstance(index.get('weight_map'), dict):
+            raise ConversionError(f'{index_file}: no "weight_map" object')
+        weight_map = index['weight_map']
         files = sorted(set(weight_map.values()))
         missing = [f for f in files if not os.path.exists(os.path.join(src, f))]
         if missing:
@@ -263,8 +283,10 @@ def import_hf(src: str, dst: str, *, dtype: str | None = None, pad_vocab_multipl
     config_path = os.path.join(src, 'config.json')
     if not os.path.isfile(config_path):
         raise ConversionError(f'{src}: config.json is missing (the model shape comes from it)')
-    with open(config_path) as f:
-        hf = json.load(f)
+    destination.check_destination(dst, 'params', force, [src])   # before reading any weight
+    hf = pc.read_json(config_path, 'HF config file')
+    if not isinstance(hf, dict):
+        raise ConversionError(f'{config_path}: expected a JSON object')
     cfg, true_vocab = config_from_hf(hf, config_path)
     weights = open_hf_weights(src)
     found = {n: s for n, s in weights.shapes.items() if not n.endswith(IGNORED_SUFFIXES)}
@@ -281,7 +303,7 @@ def import_hf(src: str, dst: str, *, dtype: str | None = None, pad_vocab_multipl
     return common.import_stream(
         read, plan, cfg, dst, true_vocab=true_vocab, force=force,
         extra_meta={'source': f'hf:{os.path.abspath(src)}', 'token_ids': _token_ids(hf)},
-        end_of_layer=weights.release)
+        end_of_layer=weights.release, src=src)
 
 
 # ----------------------------------------------------------------------------------- export
@@ -330,15 +352,25 @@ def export_hf(src: str, dst: str, *, dtype: str | None = None, shard_size: int =
               tokenizer: str | None = None, force: bool = False) -> str:
     """Params checkpoint (or training workdir) -> HF directory that
     ``AutoModelForCausalLM.from_pretrained`` loads."""
-    reader = pc.ParamsReader(src)
+    destination.check_destination(dst, 'hf', force, [src])   # before any other work
+    if tokenizer:
+        common.check_tokenizer(tokenizer, None, dirs=True)
+    return common.export_with_fallback(src, lambda reader: _export_hf(
+        reader, src, dst, dtype=dtype, shard_size=shard_size, tokenizer=tokenizer, force=force))
+
+
+def _export_hf(reader: pc.ParamsReader, src: str, dst: str, *, dtype: str | None,
+               shard_size: int, tokenizer: str | None, force: bool) -> str:
     cfg, true_vocab = reader.config, reader.true_vocab_size
     dtype = dtype or cfg.param_dtype
     np_dt = common.np_dtype(dtype)
+    if tokenizer:
+        common.check_tokenizer(tokenizer, true_vocab, dirs=True)
     plan = common.torch_tensor_plan(cfg, true_vocab)
     by_name = {name: (rule, layer) for name, rule, layer, _ in plan}
     shards = plan_shards([(name, np_dt, shape) for name, _, _, shape in plan], shard_size)
     token_ids = reader.meta.get('token_ids') or {'bos_token_id': 1, 'eos_token_id': 2}
-    path, tmp = pc.prepare_destination(dst, force)
+    path, tmp = destination.prepare_destination(dst, force, 'hf', [src])
     try:
         weight_map, total = {}, 0
         for k, shard in enumerate(shards):
@@ -355,7 +387,7 @@ def export_hf(src: str, dst: str, *, dtype: str | None = None, shard_size: int =
             json.dump({k: v for k, v in token_ids.items()}, f, indent=2)
         if tokenizer:
             copy_tokenizer(tokenizer, tmp, cfg, token_ids)
-        pc.finish_destination(tmp, path)
+        destination.finish_destination(tmp, path, 'hf')
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

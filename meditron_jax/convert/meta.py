@@ -28,6 +28,7 @@ import zipfile
 
 import numpy as np
 
+from meditron_jax import destination
 from meditron_jax import model as model_lib
 from meditron_jax import params_checkpoint as pc
 from meditron_jax.convert import common
@@ -190,8 +191,10 @@ def import_meta(src: str, dst: str, *, dtype: str | None = None, pad_vocab_multi
     if not paths:
         raise ConversionError(f'{src}: no consolidated.*.pth files; '
                               f'found {sorted(os.listdir(src))}')
-    with open(params_path) as f:
-        params = json.load(f)
+    destination.check_destination(dst, 'params', force, [src])   # before reading any weight
+    params = pc.read_json(params_path, 'Meta params file')
+    if not isinstance(params, dict):
+        raise ConversionError(f'{params_path}: expected a JSON object')
     shards = [TorchFiles([p]) for p in paths]
     found = _merged_shapes(shards, src)
     vocab_rows = found.get('tok_embeddings.weight', (0,))[0]
@@ -218,7 +221,7 @@ def import_meta(src: str, dst: str, *, dtype: str | None = None, pad_vocab_multi
         read, plan, cfg, dst, true_vocab=true_vocab, force=force,
         extra_meta={'source': f'meta:{os.path.abspath(src)}',
                     'token_ids': {'bos_token_id': 1, 'eos_token_id': 2}},
-        end_of_layer=release)
+        end_of_layer=release, src=src)
 
 
 # ----------------------------------------------------------------------------------- export
@@ -262,14 +265,24 @@ def export_meta(src: str, dst: str, *, shards: int = 1, dtype: str | None = None
                 tokenizer: str | None = None, force: bool = False) -> str:
     """Params checkpoint (or training workdir) -> Meta layout with ``shards`` model-parallel
     ranks."""
+    destination.check_destination(dst, 'meta', force, [src])   # before any other work
+    if shards < 1:
+        raise ConversionError(f'--shards={shards} must be >= 1')
+    if tokenizer:
+        common.check_tokenizer(tokenizer, None, dirs=False)
+    return common.export_with_fallback(src, lambda reader: _export_meta(
+        reader, src, dst, shards=shards, dtype=dtype, tokenizer=tokenizer, force=force))
+
+
+def _export_meta(reader: pc.ParamsReader, src: str, dst: str, *, shards: int, dtype: str | None,
+                 tokenizer: str | None, force: bool) -> str:
     import torch
-    reader = pc.ParamsReader(src)
     cfg, true_vocab = reader.config, reader.true_vocab_size
+    if tokenizer:
+        common.check_tokenizer(tokenizer, true_vocab, dirs=False)
     dtype = dtype or cfg.param_dtype
     np_dt = common.np_dtype(dtype)
     plan = common.torch_tensor_plan(cfg, true_vocab)
-    if shards < 1:
-        raise ConversionError(f'--shards={shards} must be >= 1')
     bad = []
     for hf_name, _, _, shape in plan:
         d = split_dim(hf_to_meta_name(hf_name))
@@ -285,7 +298,7 @@ def export_meta(src: str, dst: str, *, shards: int = 1, dtype: str | None = None
         d = split_dim(hf_to_meta_name(hf_name))
         return shape if d is None else shape[:d] + (shape[d] // shards,) + shape[d + 1:]
 
-    path, tmp = pc.prepare_destination(dst, force)
+    path, tmp = destination.prepare_destination(dst, force, 'meta', [src])
     try:
         files = [os.path.join(tmp, f'consolidated.{r:02d}.pth') for r in range(shards)]
         for file in files:
@@ -316,10 +329,8 @@ def export_meta(src: str, dst: str, *, shards: int = 1, dtype: str | None = None
         with open(os.path.join(tmp, 'params.json'), 'w') as f:
             json.dump(config_to_meta(cfg, true_vocab), f, indent=2)
         if tokenizer:
-            if not os.path.isfile(tokenizer):
-                raise ConversionError(f'tokenizer {tokenizer} is not a SentencePiece .model file')
             shutil.copyfile(tokenizer, os.path.join(tmp, 'tokenizer.model'))
-        pc.finish_destination(tmp, path)
+        destination.finish_destination(tmp, path, 'meta')
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
