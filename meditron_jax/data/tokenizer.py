@@ -14,16 +14,23 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from collections.abc import Iterable, Sequence
 
 import sentencepiece as spm
+from google.protobuf import message as protobuf_message
 from sentencepiece import sentencepiece_model_pb2
+
+from meditron_jax.data.sources import DataError
 
 FILENAME = 'tokenizer.model'   # where prepare() puts the tokenizer inside the data dir
 
 
-class TokenizerError(ValueError):
-    """A tokenizer file that cannot be used."""
+_VOCAB_TOO_HIGH = re.compile(r'Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)')
+
+
+class TokenizerError(DataError):
+    """A tokenizer file that cannot be used, or a tokenizer that cannot be trained."""
 
 
 def file_sha256(path: str) -> str:
@@ -108,6 +115,12 @@ def train(texts: Iterable[str], model_prefix: str, vocab_size: int,
             num_threads=1, input_sentence_size=2_000_000, shuffle_input_sentence=True,
             minloglevel=2, max_sentence_length=1 << 16)
     except RuntimeError as e:
+        too_high = _VOCAB_TOO_HIGH.search(str(e))
+        if too_high:
+            raise TokenizerError(
+                f'data.tokenizer_vocab_size={vocab_size} is more pieces than this corpus yields: '
+                f'set it to at most {too_high.group(2)} (SentencePiece: "{too_high.group(0)}"), '
+                f'or give more text or data.tokenizer') from None
         raise TokenizerError(f'training a {vocab_size}-piece tokenizer on {corpus!r} failed: {e}')
     finally:
         os.remove(corpus)
@@ -125,9 +138,13 @@ def train(texts: Iterable[str], model_prefix: str, vocab_size: int,
 
 def add_special_tokens(model_path: str, out_path: str, special_tokens: Sequence[str]) -> None:
     """Copies a .model, appending the special tokens it lacks as user-defined pieces."""
+    Tokenizer(model_path)   # a SentencePiece model with BOS and EOS, or an error naming it
     proto = sentencepiece_model_pb2.ModelProto()
     with open(model_path, 'rb') as f:
-        proto.ParseFromString(f.read())
+        try:
+            proto.ParseFromString(f.read())
+        except protobuf_message.DecodeError as e:
+            raise TokenizerError(f'tokenizer {model_path!r}: not a SentencePiece model ({e})')
     have = {p.piece for p in proto.pieces}
     for token in special_tokens:
         if token not in have:
