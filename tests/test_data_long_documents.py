@@ -31,3 +31,11 @@ def test_parts_rejoin_to_the_text():
     assert ' '.join(parts) == text
     assert all(len(p) < 1000 + 200 for p in parts[:-1])
     assert all(not p[:1].isspace() and not p[-1:].isspace() for p in parts[1:-1])
+
+
+def test_streamed_digest_equals_the_digest_of_all_words():
+    from meditron_jax.data import clean
+    text = long_text(300) + ' Straße İstanbul ǅ ﬁne \u00a0nbsp\u2028sep ' + 'x' * 5000
+    for size in (1, 7, 1000, 1 << 20):
+        assert clean.text_digest(text, size) == clean.digest(clean.dedup_words(text))
+    assert clean.text_digest('') == clean.digest([]) and clean.text_digest(' , ') == clean.digest([])
