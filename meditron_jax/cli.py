@@ -21,6 +21,7 @@ import sys
 import traceback
 from collections.abc import Callable, Sequence
 
+import absl
 import ml_collections
 
 import configs
@@ -32,7 +33,7 @@ DEBUG_HELP = 'Show the traceback of anticipated errors too (also MEDITRON_DEBUG=
 _OWN_DIRS = tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep
                   for m in (meditron_jax, configs))
 _LIBRARY_DIRS = tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep
-                      for m in (ml_collections,))
+                      for m in (ml_collections, absl))
 _MESSAGE_TYPES = (ValueError, RuntimeError, OSError, ArithmeticError)
 
 
@@ -135,6 +136,22 @@ def _config_file_error(exc: BaseException) -> str | None:
     return None
 
 
+def _config_file_failure(exc: BaseException) -> str | None:
+    """config_flags reports a TypeError / ValueError raised while running a config file as the
+    whole traceback in one message: keep the config file's line and the original message."""
+    if 'Error whilst parsing config file' not in str(exc):
+        return None
+    cause = exc.__context__
+    while cause is not None:
+        frames = [(f, n) for f, n in traceback.walk_tb(cause.__traceback__)
+                  if not os.path.abspath(f.f_code.co_filename).startswith(_LIBRARY_DIRS)]
+        if frames and 'Error whilst parsing config file' not in str(cause):
+            frame, line = frames[-1]
+            return f'{frame.f_code.co_filename}:{line}: {type(cause).__name__}: {cause}'
+        cause = cause.__context__
+    return None
+
+
 def check_declared(config: ml_collections.ConfigDict, where: str = 'config') -> None:
     """Every key of ``config`` is one configs/base.py declares, and none is missing: catches a
     derived config that replaced a whole section (``c.data.clean = dict(...)``)."""
@@ -168,7 +185,7 @@ def one_line(exc: BaseException) -> str | None:
         if message is not None:
             return message
     if isinstance(exc, (flags.Error, app.UsageError)):
-        text = str(exc)
+        text = _config_file_failure(exc) or str(exc)
     elif type(exc).__module__.startswith(('meditron_jax', 'configs')):
         text = str(exc)
     elif isinstance(exc, OSError) and exc.filename:

@@ -78,6 +78,14 @@ def test_undeclared_key_in_a_config_file_names_file_line_and_nearest_key(tmp_pat
     assert __import__('re').search(message, text), text
 
 
+def test_a_wrongly_typed_value_in_a_config_file_names_its_line(tmp_path):
+    path = write_config(tmp_path, "    c.train.steps = 'many'\n")
+    error = load(['--config', path])
+    assert isinstance(error, flags.IllegalFlagValueError)
+    assert cli.one_line(error).startswith(f"{path}:6: TypeError: Could not override field "
+                                          f"'steps'")
+
+
 def test_a_replaced_section_must_keep_every_declared_key(tmp_path):
     error = load(['--config', write_config(tmp_path, '    c.data.clean = dict(normalize=False)\n')])
     assert isinstance(error, cli.ConfigError)

@@ -185,7 +185,7 @@ def _lines(n):
     return [json.dumps({'text': doc_text(i)}) for i in range(n)]
 
 
-@pytest.mark.parametrize('suffix', ['.jsonl', '.jsonl.gz'])
+@pytest.mark.parametrize('suffix', ['.jsonl', '.jsonl.gz', '.txt'])
 def test_invalid_utf8_deep_in_a_file_names_the_line_and_real_byte_offset(tmp_path, suffix):
     bad = b'{"text": "bad \xff byte ' + doc_text(9999).encode() + b'"}\n'
     blob = ''.join(line + '\n' for line in _lines(3000)).encode() + bad
