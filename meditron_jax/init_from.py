@@ -23,6 +23,13 @@ class InitFromError(ValueError):
     """train.init_from names no usable checkpoint, or one of another model shape."""
 
 
+def has_steps(workdir: str) -> bool:
+    """Whether a workdir holds checkpoint steps (complete or not), so that a run resumes rather
+    than starting from init_from, which may since have moved."""
+    root = os.path.join(workdir, 'checkpoints')
+    return os.path.isdir(root) and any(name.isdigit() for name in os.listdir(root))
+
+
 def check(path: str, cfg: model.LlamaConfig) -> model.LlamaConfig:
     """The source's model config, after checking it against the run's ``cfg``: the same shape,
     and a vocabulary no larger (a smaller one is grown, see ``grow_vocab``)."""

@@ -278,8 +278,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     cfg = model_config(config)
     mesh = sharding.make_mesh(config.mesh)
     validate_config(config, mesh)
-    if config.train.init_from:  # checked before data preparation, which can take hours
-        init_from.check(config.train.init_from, cfg)
+    if config.train.init_from and not init_from.has_steps(workdir):  # a resume does not use it
+        init_from.check(config.train.init_from, cfg)  # before data preparation (hours)
     is_primary = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
     log.info('mesh %s over %d devices (%d processes); model %.1fM params',

@@ -213,6 +213,9 @@ def test_init_from_a_training_workdir(tmp_path, tiny_checkpoint):
     for a, b, c in zip(jax.tree.leaves(loaded), jax.tree.leaves(saved), jax.tree.leaves(start)):
         assert (a == b).all()
     assert any((a != c).any() for a, c in zip(jax.tree.leaves(loaded), jax.tree.leaves(start)))
+    # Re-running the first command resumes: its init_from is not used, nor checked, any more.
+    config.train.init_from = str(tmp_path / 'moved-away')
+    assert train.train(config, first) == []
 
 
 def run(module, *args, env=None):
