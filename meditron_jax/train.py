@@ -280,6 +280,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     validate_config(config, mesh)
     if config.train.init_from and not init_from.has_steps(workdir):  # a resume does not use it
         init_from.check(config.train.init_from, cfg)  # before data preparation (hours)
+    prepare.prepare_options(config.data)   # sources, dedup, tokenizer: before anything is written
     is_primary = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
     log.info('mesh %s over %d devices (%d processes); model %.1fM params',

@@ -141,6 +141,16 @@ def test_train_refuses_nothing_to_do_before_touching_the_workdir(tmp_path, key, 
     assert not workdir.exists()
 
 
+def test_train_checks_the_data_config_before_writing_anything(tmp_path):
+    config = tiny_config(steps=1)
+    config.data.tokenizer = str(tmp_path / 'no' / 'tokenizer.model')
+    with pytest.raises(ValueError) as error:
+        train.train(config, str(tmp_path / 'run'))
+    assert cli.one_line(error.value) == (f"data.tokenizer='{config.data.tokenizer}': no such "
+                                         f"file (expected a SentencePiece .model)")
+    assert os.listdir(tmp_path) == []
+
+
 def test_workdir_that_is_a_file(tmp_path):
     path = tmp_path / 'run'
     path.write_text('notes')
