@@ -15,7 +15,7 @@ from ml_collections import config_flags
 import configs.debug
 from configs import base
 from meditron_jax import cli, init_from, model, params_checkpoint, plan, sharding, train
-from tests.data_helpers import all_files, prepared_debug
+from tests.data_helpers import prepared_debug
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(f for f in os.listdir(os.path.join(REPO, 'configs'))
