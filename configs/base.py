@@ -3,6 +3,12 @@
 Size and run configs (debug.py, meditron_7b.py, meditron_70b.py) import this and override a few
 keys; no code reads a key that is not declared here. Any key can be overridden on the command
 line, e.g. ``--config.train.steps=100 --config.mesh.fsdp=8``.
+
+The returned config is locked (ml_collections ``lock()``): a derived config or a command-line
+override that sets a key not declared here fails, naming the key and the nearest declared one
+(``c.data.dedupe = ...`` -> "did you mean data.dedup?"). Declare a new key by adding it below,
+with a comment; values of declared keys (lists, dicts, whole sections from ``model_config``)
+can still be assigned.
 """
 
 import dataclasses
@@ -14,7 +20,7 @@ from meditron_jax import model as model_lib
 
 def model_config(preset: str) -> ml_collections.ConfigDict:
     """The ``model`` section: every LlamaConfig field, filled from a preset in model.PRESETS."""
-    return ml_collections.ConfigDict(dataclasses.asdict(model_lib.preset(preset)))
+    return ml_collections.ConfigDict(dataclasses.asdict(model_lib.preset(preset))).lock()
 
 
 def source(name: str, files: str, weight: float, val_fraction: float = 0.03,
@@ -96,4 +102,4 @@ def get_config() -> ml_collections.ConfigDict:
         every=500,                  # steps between saves (and one at the end)
         keep=3,                     # most recent checkpoints kept
     ))
-    return c
+    return c.lock()                 # undeclared keys are errors (see the module docstring)

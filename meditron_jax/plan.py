@@ -100,13 +100,35 @@ class Plan:
 
 
 def default_num_devices(config: ml_collections.ConfigDict) -> int:
+    return default_num_devices_and_reason(config)[0]
+
+
+def default_num_devices_and_reason(config: ml_collections.ConfigDict) -> tuple[int, str]:
+    """The device count to plan for when --num_devices is not given, and where it came from."""
     from meditron_jax import sharding
     sizes = [int(config.mesh[a]) for a in sharding.MESH_AXES]
     if -1 not in sizes:
-        return math.prod(sizes)
+        return math.prod(sizes), f'the product of the mesh sizes {dict(config.mesh)}'
     from meditron_jax import train
-    nodes = 16 if train.model_config(config).num_params() > LARGE_MODEL_PARAMS else 8
-    return nodes * GPUS_PER_NODE
+    params = train.model_config(config).num_params()
+    nodes = 16 if params > LARGE_MODEL_PARAMS else 8
+    return nodes * GPUS_PER_NODE, (
+        f'the default for a mesh with a -1 axis and a model of {params / 1e9:.1f}B parameters: '
+        f'{nodes} nodes x {GPUS_PER_NODE} GPUs; pass --num_devices for another cluster')
+
+
+def check_flags(num_devices: int | None, device_memory_gb: float, mfu: float) -> None:
+    """The command's flags, checked before anything is compiled."""
+    from meditron_jax import cli
+    if num_devices is not None and num_devices < 1:
+        raise cli.ConfigError(f'--num_devices={num_devices}: expected a positive device count '
+                              f'(leave it out for the default)')
+    if not device_memory_gb > 0:
+        raise cli.ConfigError(f'--device_memory_gb={device_memory_gb:g}: expected the memory of '
+                              f'one device in GiB, > 0 (A100/H100 80GB: 80)')
+    if not 0 < mfu <= 1:
+        raise cli.ConfigError(f'--mfu={mfu:g}: expected a model-FLOPs utilisation in (0, 1], '
+                              f'e.g. 0.4')
 
 
 def _shard_bytes(tree) -> int:
@@ -259,8 +281,8 @@ FLAGS = flags.FlagValues()
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a get_config() file.',
                                           flag_values=FLAGS)
 _NUM_DEVICES = flags.DEFINE_integer(
-    'num_devices', 0, 'Devices in the cluster to plan for (0: the product of the mesh sizes, or '
-    'with a -1 axis 128 for models above 30B parameters, 64 below).', flag_values=FLAGS)
+    'num_devices', None, 'Devices in the cluster to plan for (default: the product of the mesh '
+    'sizes, or with a -1 axis 128 for models above 30B parameters, 64 below).', flag_values=FLAGS)
 _DEVICE_MEMORY_GB = flags.DEFINE_float('device_memory_gb', 80.0,
                                        'Memory of one device, GiB (A100/H100 80GB: 80).',
                                        flag_values=FLAGS)
@@ -268,6 +290,8 @@ _MFU = flags.DEFINE_float('mfu', 0.4, 'Model-FLOPs utilisation for the step-time
                           flag_values=FLAGS)
 _XLA_FLOPS = flags.DEFINE_bool('xla_flops', True, 'Also compile 1- and 2-layer unrolled steps to '
                                'extrapolate XLA\'s FLOP count.', flag_values=FLAGS)
+_DEBUG = flags.DEFINE_bool('debug', False, 'Show the traceback of anticipated errors too '
+                           '(also MEDITRON_DEBUG=1).', flag_values=FLAGS)
 
 
 def main(argv):
@@ -275,13 +299,26 @@ def main(argv):
         raise app.UsageError(f'unexpected arguments: {argv[1:]}')
     if _CONFIG.value is None:
         raise app.UsageError('--config is required')
+    from meditron_jax import cli
     config = _CONFIG.value
-    num_devices = _NUM_DEVICES.value or default_num_devices(config)
+    cli.check_declared(config, f'--config={FLAGS["config"].config_filename}')
+    check_flags(_NUM_DEVICES.value, _DEVICE_MEMORY_GB.value, _MFU.value)
+    if _NUM_DEVICES.value is None:
+        num_devices, reason = default_num_devices_and_reason(config)
+        print(f'planning for {num_devices} devices ({reason})', file=sys.stderr, flush=True)
+    else:
+        num_devices, reason = _NUM_DEVICES.value, '--num_devices'
     if jax._src.xla_bridge.backends_are_initialized():  # noqa: SLF001
         raise RuntimeError('JAX was initialised before meditron-plan could set the device count')
     jax.config.update('jax_platforms', 'cpu')
     jax.config.update('jax_num_cpu_devices', num_devices)
-    plan = make_plan(config, xla_flops=_XLA_FLOPS.value)
+    try:
+        plan = make_plan(config, xla_flops=_XLA_FLOPS.value)
+    except ValueError as e:  # name where the device count came from in mesh / batch errors
+        if cli.one_line(e) is None:
+            raise
+        raise cli.ConfigError(f'{cli.one_line(e)} [planning for {num_devices} devices: '
+                              f'{reason}]') from e
     print(report(plan, _DEVICE_MEMORY_GB.value, _MFU.value), flush=True)
     if plan.peak_bytes > _DEVICE_MEMORY_GB.value * GiB:
         print(f'DOES NOT FIT: estimated peak {plan.peak_bytes / GiB:.2f} GiB per device exceeds '
@@ -292,16 +329,16 @@ def main(argv):
 
 
 def run(argv: list[str] | None = None) -> int:
-    """Console entry point (meditron-plan); returns the exit status (1: does not fit)."""
+    """Console entry point (meditron-plan); returns the exit status (1: does not fit, 2: an
+    error, one line ``meditron-plan: error: ...``; --debug or MEDITRON_DEBUG=1 for the traceback)."""
+    from meditron_jax import cli
     logging.basicConfig(level=logging.WARNING)
+    argv = sys.argv if argv is None else argv
+    debug = cli.debug_requested(argv)
     try:
-        argv = FLAGS(sys.argv if argv is None else argv)
-        status = main(argv)
-    except (flags.Error, app.UsageError) as e:
-        print(f'meditron-plan: {e}\nmeditron-plan --config FILE [--num_devices N] '
-              f'[--device_memory_gb 80] [--mfu 0.4] [--config.KEY=VALUE ...]', file=sys.stderr)
-        status = 2
-    return status
+        return main(FLAGS(argv))
+    except Exception as e:  # noqa: BLE001 -- report() re-raises what it does not recognise
+        return cli.report('meditron-plan', e, debug)
 
 
 if __name__ == '__main__':

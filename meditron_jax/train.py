@@ -31,7 +31,7 @@ from absl import logging as absl_logging
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from meditron_jax import checkpoint, model, optim, sharding
+from meditron_jax import checkpoint, cli, init_from, model, optim, sharding
 from meditron_jax import metrics as metrics_lib
 from meditron_jax.data import loader, prepare
 
@@ -195,13 +195,16 @@ def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
                          f'the {gbs} batch rows, not {gbs // jax.process_count()} (an equal '
                          f'share): keep the tensor axis within a host (mesh.tensor <= devices per '
                          f'host) so the batch axes split across processes')
-    for key in ('train.log_every', 'checkpoint.every'):
+    for key in ('train.steps', 'train.log_every', 'checkpoint.every'):
         section, name = key.split('.')
         if int(config[section][name]) < 1:
             raise ValueError(f'{key}={config[section][name]}: expected >= 1')
     if config.data.seq_len > config.model.max_seq_len:
         raise ValueError(f'data.seq_len={config.data.seq_len} exceeds '
                          f'model.max_seq_len={config.model.max_seq_len}')
+    if not float(config.train.peak_flops_per_device) > 0:
+        raise ValueError(f'train.peak_flops_per_device={config.train.peak_flops_per_device}: '
+                         f'expected > 0 (FLOP/s of one device, for MFU)')
     if config.train.nonfinite not in ('error', 'skip'):
         raise ValueError(f"train.nonfinite={config.train.nonfinite!r}, expected 'error' or 'skip'")
 
@@ -256,44 +259,11 @@ class _Preemption:
         return bool(np.any(flags_all))
 
 
-def grow_vocab(params, vocab_size: int):
-    """Embedding rows / head columns appended up to ``vocab_size`` (stacked layout): new rows are
-    the mean embedding, new head columns zero, so the new tokens start with the average input
-    and a neutral logit (MEDITRON adds special tokens to Llama-2's 32,000 and pads to 128s)."""
-    embed, head = params['embed']['embedding'], params['lm_head']['kernel']
-    extra = vocab_size - embed.shape[0]
-    new_rows = jnp.broadcast_to(embed.mean(axis=0, keepdims=True), (extra, embed.shape[1]))
-    return {**params,
-            'embed': {'embedding': jnp.concatenate([embed, new_rows.astype(embed.dtype)])},
-            'lm_head': {'kernel': jnp.pad(head, ((0, 0), (0, extra)))}}
-
-
 def _init_params(config, cfg, mesh):
-    """Random params, or train.init_from's (a params checkpoint from meditron-convert)."""
+    """Random params, or train.init_from's (see meditron_jax/init_from.py)."""
     if not config.train.init_from:
         return model.init_params(cfg, mesh, seed=int(config.train.seed))
-    from meditron_jax import params_checkpoint
-    path = config.train.init_from
-    source = params_checkpoint.read_config(path).replace(scan_layers=True)
-    mismatch = {k: (getattr(source, k), getattr(cfg, k)) for k in checkpoint.SHAPE_KEYS
-                if k not in ('param_dtype', 'vocab_size') and getattr(source, k) != getattr(cfg, k)}
-    if source.vocab_size > cfg.vocab_size:
-        mismatch['vocab_size'] = (source.vocab_size, cfg.vocab_size)
-    if mismatch:
-        raise ValueError(f'train.init_from={path}: model shape differs from the config: ' +
-                         ', '.join(f'model.{k}: checkpoint {a} vs config {b}'
-                                   for k, (a, b) in mismatch.items()))
-    params, _ = params_checkpoint.load_params(path, mesh=mesh)
-    if source.vocab_size < cfg.vocab_size:
-        log.info('init_from: growing the vocabulary from %d to %d rows', source.vocab_size,
-                 cfg.vocab_size)
-    grow = lambda p: grow_vocab(p, cfg.vocab_size) if source.vocab_size < cfg.vocab_size else p
-    to_model = jax.jit(
-        lambda p: jax.tree.map(lambda x: x.astype(jnp.dtype(cfg.param_dtype)),
-                               model.to_layout(grow(p), cfg)),
-        out_shardings=model.param_shardings(cfg, mesh))
-    log.info('initialised params from %s', path)
-    return to_model(params)
+    return init_from.load(config.train.init_from, cfg, mesh)
 
 
 # ------------------------------------------------------------------------------ the loop
@@ -302,9 +272,15 @@ def _init_params(config, cfg, mesh):
 def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     """Runs (or resumes) training; returns the metrics logged by this call."""
     # 1. Mesh and model.
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise cli.ConfigError(f'--workdir={workdir} is a file; expected a directory (created '
+                              f'when missing)')
     cfg = model_config(config)
     mesh = sharding.make_mesh(config.mesh)
     validate_config(config, mesh)
+    if config.train.init_from and not init_from.has_steps(workdir):  # a resume does not use it
+        init_from.check(config.train.init_from, cfg)  # before data preparation (hours)
+    prepare.prepare_options(config.data)   # sources, dedup, tokenizer: before anything is written
     is_primary = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
     log.info('mesh %s over %d devices (%d processes); model %.1fM params',
@@ -434,6 +410,7 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metr
 _COORDINATOR = flags.DEFINE_string('coordinator', '', 'host:port of process 0 (multi-process).')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', 0, 'Processes in the job.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', -1, 'This process\'s index.')
+_DEBUG = flags.DEFINE_bool('debug', False, cli.DEBUG_HELP)
 
 
 def quiet_libraries() -> None:
@@ -448,15 +425,17 @@ def main(argv):
         raise app.UsageError(f'unexpected arguments: {argv[1:]}')
     if _CONFIG.value is None or not _WORKDIR.value:
         raise app.UsageError('--config and --workdir are required')
+    cli.check_declared(_CONFIG.value, f'--config={flags.FLAGS["config"].config_filename}')
     maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     if jax.process_index() != 0:  # one copy of the progress lines; every process's warnings
         logging.getLogger('meditron_jax').setLevel(logging.WARNING)
     train(_CONFIG.value, _WORKDIR.value)
 
 
-def run():
-    """Console entry point (meditron-train)."""
-    app.run(main)
+def run(argv: list[str] | None = None):
+    """Console entry point (meditron-train): anticipated errors are one line, exit status 2
+    (``--debug`` or MEDITRON_DEBUG=1 for the traceback)."""
+    cli.run_absl('meditron-train', main, argv)
 
 
 if __name__ == '__main__':

@@ -1,7 +1,10 @@
 """Every bad input to meditron-prepare and the loader gives an error naming it, and a failed
 run leaves nothing half-written."""
 
+import gzip
+import json
 import os
+import re
 import shutil
 
 import pytest
@@ -173,3 +176,112 @@ def test_loader_config_errors(tmp_path):
     with pytest.raises(DataError, match=r'manifest.json:\d+: malformed manifest'):
         loader.make_train_iterator(cfg, str(tmp_path / 'out'), seed=0, process_index=0,
                                    process_count=1)
+
+
+# ------------------------------------------------------------------ input files and paths
+
+
+def _lines(n):
+    return [json.dumps({'text': doc_text(i)}) for i in range(n)]
+
+
+@pytest.mark.parametrize('suffix', ['.jsonl', '.jsonl.gz', '.txt'])
+def test_invalid_utf8_deep_in_a_file_names_the_line_and_real_byte_offset(tmp_path, suffix):
+    bad = b'{"text": "bad \xff byte ' + doc_text(9999).encode() + b'"}\n'
+    blob = ''.join(line + '\n' for line in _lines(3000)).encode() + bad
+    path = tmp_path / 'x' / f'a{suffix}'
+    os.makedirs(path.parent)
+    path.write_bytes(gzip.compress(blob) if suffix.endswith('.gz') else blob)
+    cfg = data_config([_source(tmp_path, pattern=str(path))])
+    with pytest.raises(DataError) as error:
+        prepare.prepare(cfg, str(tmp_path / 'out'))
+    offset = blob.index(b'\xff')
+    assert offset > 500_000
+    assert str(error.value).startswith(f'{path}:3001: invalid UTF-8 (invalid start byte: byte '
+                                       f'0xff at byte offset {offset:,} of the ')
+    assert not os.path.exists(tmp_path / 'out')
+
+
+@pytest.mark.parametrize('damage', ['truncated', 'not_gzip'])
+def test_corrupt_gzip_names_the_file(tmp_path, damage):
+    blob = gzip.compress(''.join(line + '\n' for line in _lines(3000)).encode())
+    path = tmp_path / 'x' / 'a.jsonl.gz'
+    os.makedirs(path.parent)
+    path.write_bytes(blob[:len(blob) // 2] if damage == 'truncated' else b'plain text\n' * 9)
+    cfg = data_config([_source(tmp_path, pattern=str(path))])
+    with pytest.raises(DataError, match=rf'{path}: cannot be read after line \d+ \(.*\); a '
+                                        rf'truncated or corrupt gzip file\?'):
+        prepare.prepare(cfg, str(tmp_path / 'out'))
+    assert not os.path.exists(tmp_path / 'out')
+
+
+def test_lone_surrogates_are_dropped_and_counted(tmp_path):
+    _good(tmp_path)
+    write_jsonl(str(tmp_path / 'x' / 'b.jsonl'), [
+        '{"text": "lone \\ud800 high, \\udfff low, a pair \\ud83d\\ude00 kept. %s", '
+        '"title": "t\\udc00"}' % doc_text(77)])
+    out = str(tmp_path / 'out')
+    manifest = prepare.prepare(data_config([_source(tmp_path)]), out)
+    assert manifest['sources']['x']['removed']['surrogates_removed'] == 3
+    assert manifest['totals']['train']['documents'] == 6
+    tok = tokenizer.Tokenizer(os.path.join(out, tokenizer.FILENAME))
+    texts = [tok.decode(ids) for ids in records(out, 'x', 'train')]
+    kept = [t for t in texts if 'lone' in t]
+    assert len(kept) == 1 and 'lone high, low, a pair \U0001F600 kept.' in kept[0]
+
+
+@pytest.mark.parametrize('content', [b'', b'\x00garbage' * 50, b'{"not": "a model"}'])
+def test_tokenizer_that_is_not_sentencepiece_names_the_path(tmp_path, content):
+    _good(tmp_path)
+    bad = tmp_path / 'tokenizer.model'
+    bad.write_bytes(content)
+    with pytest.raises(DataError, match=rf"data.tokenizer: tokenizer '{bad}': not a "
+                                        rf"SentencePiece model"):
+        prepare.prepare(data_config([_source(tmp_path)], tokenizer=str(bad)),
+                        str(tmp_path / 'out'))
+    assert not os.path.exists(tmp_path / 'out') and bad.read_bytes() == content
+
+
+@pytest.mark.parametrize('out', ['afile', 'afile/data'])
+def test_data_dir_that_is_a_file_says_a_directory_was_expected(tmp_path, out):
+    _good(tmp_path)
+    (tmp_path / 'afile').write_text('notes')
+    with pytest.raises(DataError, match=rf'{tmp_path}/afile is a file; expected a directory to '
+                                        rf'hold the prepared data {tmp_path}/{out} \(data.dir'):
+        prepare.prepare(data_config([_source(tmp_path)]), str(tmp_path / out))
+    assert (tmp_path / 'afile').read_text() == 'notes'
+
+
+@pytest.mark.parametrize('damage', ['half', 'empty'])
+def test_truncated_shard_is_named(tmp_path, damage):
+    _good(tmp_path, n=12)
+    cfg = data_config([_source(tmp_path)])
+    out = str(tmp_path / 'out')
+    prepare.prepare(cfg, out)
+    shard = os.path.join(out, shards.shard_name('x', 'train', 0))
+    with open(shard, 'rb') as f:
+        blob = f.read()
+    with open(shard, 'wb') as f:
+        f.write(blob[:len(blob) // 2] if damage == 'half' else b'')
+    message = rf'{shard}: unreadable ArrayRecord shard \(.+\); .*meditron-prepare with --force'
+    with pytest.raises(DataError, match=message):
+        loader.make_train_iterator(cfg, out, seed=0, process_index=0, process_count=1)
+    with pytest.raises(DataError, match=message):
+        shards.read_records(shard)
+
+
+def test_tokenizer_vocab_larger_than_the_corpus_names_the_key_and_largest_that_works(tmp_path):
+    _good(tmp_path, n=8)
+    cfg = data_config([_source(tmp_path)], tokenizer='', tokenizer_vocab_size=4000)
+    with pytest.raises(DataError) as error:
+        prepare.prepare(cfg, str(tmp_path / 'out'))
+    found = re.search(r'^data.tokenizer_vocab_size=4000 is more pieces than this corpus yields: '
+                      r'set it to at most (\d+) ', str(error.value))
+    assert found, str(error.value)
+    assert not os.path.exists(tmp_path / 'out')
+    largest = int(found.group(1))
+    cfg.tokenizer_vocab_size = largest + 1
+    with pytest.raises(DataError, match=f'set it to at most {largest} '):
+        prepare.prepare(cfg, str(tmp_path / 'out'))
+    cfg.tokenizer_vocab_size = largest
+    assert prepare.prepare(cfg, str(tmp_path / 'out'))['tokenizer']['vocab_size'] == largest

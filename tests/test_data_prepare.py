@@ -218,5 +218,5 @@ def test_command_line(tmp_path):
     assert all_files(out) == all_files(prepared_debug())    # 2 workers == 1 worker
     bad = cmd[:-1] + ['--config.data.clean.min_chars=5', '--shard', '3/2']
     done = subprocess.run(bad, cwd=root, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 1 and "--shard='3/2': expected 0 <= i < n" in done.stderr
+    assert done.returncode == 2 and "--shard='3/2': expected 0 <= i < n" in done.stderr
     assert not glob.glob(os.path.join(out, '.tmp-*'))

@@ -32,6 +32,11 @@ _SPACES = re.compile(r'[^\S\n]+')
 _BLANK_LINES = re.compile(r'\n{3,}')
 _CONTROL = re.compile(r'[\x00-\x08\x0b-\x1f\x7f]')
 _WORDS = re.compile(r'\w+')
+_WHITESPACE = re.compile(r'\s')
+# Lone UTF-16 surrogates: JSON can spell them ("\\ud800") but no UTF-8 text holds them, so the
+# tokenizer (and any UTF-8 writer) rejects them. A valid pair is decoded by json into one
+# character, so only unpaired ones remain here.
+_SURROGATES = re.compile('[\ud800-\udfff]')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +58,7 @@ class CleanStats:
     too_short: int = 0             # documents dropped (under min_chars after cleaning)
     urls_removed: int = 0
     reference_sections_removed: int = 0
+    surrogates_removed: int = 0    # lone surrogate code points (invalid in UTF-8) dropped
 
     def add(self, other: 'CleanStats') -> None:
         for f in dataclasses.fields(self):
@@ -83,6 +89,9 @@ def drop_urls(text: str) -> tuple[str, int]:
 
 def clean(text: str, title: str, options: CleanOptions, stats: CleanStats) -> str | None:
     """The cleaned text, or None when the document is dropped (counted in ``stats``)."""
+    text, n = _SURROGATES.subn('', text)
+    title, m = _SURROGATES.subn('', title)
+    stats.surrogates_removed += n + m
     if options.normalize:
         text = unicodedata.normalize('NFKC', text)
         title = unicodedata.normalize('NFKC', title)
@@ -110,6 +119,23 @@ def dedup_words(text: str) -> list[str]:
 def digest(words: list[str]) -> bytes:
     """16-byte hash of the normalised words: the exact-duplicate key and the split key."""
     return hashlib.blake2b(' '.join(words).encode('utf-8'), digest_size=16).digest()
+
+
+def text_digest(text: str, segment_chars: int = 1 << 20) -> bytes:
+    """``digest(dedup_words(text))`` without the list of every word of a huge document (about
+    60 bytes a word): the words of one segment at a time, each cut at a whitespace character,
+    which no word spans (case folding maps each character on its own)."""
+    hasher = hashlib.blake2b(digest_size=16)
+    start, separator = 0, ''
+    while start < len(text):
+        cut = _WHITESPACE.search(text, start + segment_chars)
+        end = cut.start() if cut else len(text)
+        words = _WORDS.findall(text[start:end].casefold())
+        if words:
+            hasher.update((separator + ' '.join(words)).encode('utf-8'))
+            separator = ' '
+        start = end
+    return hasher.digest()
 
 
 def validation_draw(key: bytes) -> float:

@@ -176,8 +176,12 @@ def process_documents(data_dir: str, manifest, source: Source, split: str,
     paths = shards_lib.split_paths(data_dir, manifest, source.name, split)
     if not paths:
         return grain.MapDataset.source([])
-    return grain.MapDataset.source(grain.sources.ArrayRecordDataSource(paths))[
-        process_index::process_count]
+    try:
+        records = grain.sources.ArrayRecordDataSource(paths)
+    except RuntimeError:  # ArrayRecord does not say which file: find it
+        shards_lib.check_readable(paths)
+        raise
+    return grain.MapDataset.source(records)[process_index::process_count]
 
 
 def _mix_rates(manifest, sources: list[Source], split: str) -> list[float]:

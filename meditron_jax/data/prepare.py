@@ -48,6 +48,10 @@ def prepare_options(data_cfg) -> dict[str, Any]:
         if not os.path.isfile(data_cfg.tokenizer):
             raise DataError(f'data.tokenizer={data_cfg.tokenizer!r}: no such file (expected a '
                             f'SentencePiece .model)')
+        try:   # a SentencePiece model, checked before any long work
+            tokenizer_lib.Tokenizer(data_cfg.tokenizer)
+        except tokenizer_lib.TokenizerError as e:
+            raise DataError(f'data.tokenizer: {e}') from None
         tokenizer = tokenizer_lib.file_sha256(data_cfg.tokenizer)
     elif data_cfg.tokenizer_vocab_size > 0:
         tokenizer = f'trained:{int(data_cfg.tokenizer_vocab_size)}'
@@ -115,6 +119,12 @@ def _pid_alive(pid: int) -> bool:
 
 def _make_tmp_dir(out_dir: str) -> str:
     """A fresh temp dir inside out_dir; removes those left by dead runs on this host."""
+    existing = os.path.abspath(out_dir)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise DataError(f'{existing} is a file; expected a directory to hold the prepared data '
+                        f'{out_dir} (data.dir, default <workdir>/data)')
     os.makedirs(out_dir, exist_ok=True)
     host = socket.gethostname()
     for path in glob.glob(os.path.join(out_dir, '.tmp-prepare-*')):
@@ -276,35 +286,35 @@ def summary(manifest: dict) -> str:
 
 
 def _main(argv) -> None:
+    """Errors (DataError and the others meditron_jax.cli anticipates) become one line
+    ``meditron-prepare: error: ...`` and exit status 2."""
     from absl import flags
+    from meditron_jax import cli
     from meditron_jax.data import slices
     del argv
     flag = flags.FLAGS
+    cli.check_declared(flag.config, f'--config={flag["config"].config_filename}')
     data_cfg = flag.config.data
     out_dir = data_cfg.dir or (os.path.join(flag.workdir, 'data') if flag.workdir else '')
-    try:
-        if not out_dir:
-            raise DataError('data.dir is empty and no --workdir: say where the shards go, '
-                            'e.g. --config.data.dir=/path/to/data')
-        if flag.tokenizer_only:
-            print(slices.train_tokenizer_only(data_cfg, out_dir))
-        elif flag.merge:
-            slices.merge(data_cfg, out_dir, force=flag.force)
-        elif flag.shard:
-            index, count = slices.parse_slice(flag.shard)
-            manifest = slices.prepare_slice(data_cfg, out_dir, index, count, force=flag.force)
-            print(summary(manifest), file=sys.stderr)
-        else:
-            prepare(data_cfg, out_dir, force=flag.force)
-    except DataError as e:
-        print(f'meditron-prepare: error: {e}', file=sys.stderr)
-        sys.exit(1)
+    if not out_dir:
+        raise DataError('data.dir is empty and no --workdir: say where the shards go, '
+                        'e.g. --config.data.dir=/path/to/data')
+    if flag.tokenizer_only:
+        print(slices.train_tokenizer_only(data_cfg, out_dir))
+    elif flag.merge:
+        slices.merge(data_cfg, out_dir, force=flag.force)
+    elif flag.shard:
+        index, count = slices.parse_slice(flag.shard)
+        manifest = slices.prepare_slice(data_cfg, out_dir, index, count, force=flag.force)
+        print(summary(manifest), file=sys.stderr)
+    else:
+        prepare(data_cfg, out_dir, force=flag.force)
 
 
 def run(argv=None) -> None:
     """Console entry point ``meditron-prepare`` (flags are defined here, not at import, so
     that importing this module from meditron-train defines none)."""
-    from absl import app, flags
+    from absl import flags
     from ml_collections import config_flags
     config_flags.DEFINE_config_file('config', None, 'Config file with get_config().',
                                     lock_config=True)
@@ -317,7 +327,9 @@ def run(argv=None) -> None:
     flags.DEFINE_bool('merge', False, 'Merge the slices of a --shard run into the final output.')
     flags.DEFINE_bool('tokenizer_only', False, 'Only train the corpus tokenizer (before a '
                       '--shard run) and print its path.')
-    app.run(_main, argv)
+    from meditron_jax import cli
+    flags.DEFINE_bool('debug', False, cli.DEBUG_HELP)
+    cli.run_absl('meditron-prepare', _main, argv)
 
 
 if __name__ == '__main__':

@@ -47,9 +47,11 @@ def _work(item: tuple[int, str, int, list[str]]) -> tuple[int, int, clean_lib.Cl
     for doc in parse_chunk(path, first_line, lines, _WORKER['text_keys'][source_index]):
         text = clean_lib.clean(doc.text, doc.title, _WORKER['clean'], stats)
         if text is not None:
-            words = clean_lib.dedup_words(text)
-            sig = clean_lib.minhash_signature(words) if _WORKER['dedup'] == 'minhash' else None
-            kept.append([clean_lib.digest(words), text, 0, sig])
+            if _WORKER['dedup'] == 'minhash':
+                words = clean_lib.dedup_words(text)
+                kept.append([clean_lib.digest(words), text, 0, clean_lib.minhash_signature(words)])
+            else:  # in bounded memory, for very long documents
+                kept.append([clean_lib.text_digest(text), text, 0, None])
     tokenizer = _WORKER['tokenizer']
     if tokenizer is not None and kept:
         dtype = np.dtype(shards_lib.DTYPES[_WORKER['dtype']]).newbyteorder('<')

@@ -95,13 +95,32 @@ class ShardWriter:
                     tokens=sum(s['tokens'] for s in self.shards), shards=self.shards)
 
 
+def shard_error(path: str, error: Exception) -> DataError:
+    """The error for a shard ArrayRecord cannot read (truncated, overwritten, not a shard)."""
+    detail = str(error).strip() or 'truncated or corrupt'
+    return DataError(f'{path}: unreadable ArrayRecord shard ({detail}); the prepared data was '
+                     f'damaged: re-run meditron-prepare with --force')
+
+
+def check_readable(paths: list[str]) -> None:
+    """Opens each shard (its footer and index); the first that fails is named in a DataError."""
+    for path in paths:
+        try:
+            ArrayRecordReader(path).close()
+        except (RuntimeError, OSError) as e:
+            raise shard_error(path, e) from None
+
+
 def read_records(path: str) -> list[bytes]:
     """All records of one shard, in order (used by merging and by tests)."""
-    reader = ArrayRecordReader(path)
     try:
-        return list(reader.read_all()) if reader.num_records() else []
-    finally:
-        reader.close()
+        reader = ArrayRecordReader(path)
+        try:
+            return list(reader.read_all()) if reader.num_records() else []
+        finally:
+            reader.close()
+    except (RuntimeError, OSError) as e:
+        raise shard_error(path, e) from None
 
 
 def read_digests(path: str) -> list[bytes]:

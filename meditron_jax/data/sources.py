@@ -15,6 +15,7 @@ import gzip
 import json
 import os
 import re
+import zlib
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -100,28 +101,47 @@ def resolve_files(source: Source, index: int) -> list[str]:
 
 
 def _open(path: str):
-    if path.endswith('.gz'):
-        return gzip.open(path, 'rt', encoding='utf-8', newline='\n')
-    return open(path, encoding='utf-8', newline='\n')
+    return gzip.open(path, 'rb') if path.endswith('.gz') else open(path, 'rb')
+
+
+def _decode(path: str, data: bytes, line: int, offset: int) -> str:
+    """UTF-8 text of one line (or whole .txt file) starting at byte ``offset`` of ``path``."""
+    try:
+        return data.decode('utf-8')
+    except UnicodeDecodeError as e:
+        if line == 0:  # a whole .txt file: the line of the bad byte
+            line = data.count(b'\n', 0, e.start) + 1
+        stream = 'uncompressed stream' if path.endswith('.gz') else 'file'
+        raise DataError(f'{path}:{line}: invalid UTF-8 ({e.reason}: byte 0x{data[e.start]:02x} '
+                        f'at byte offset {offset + e.start:,} of the {stream}); expected UTF-8 '
+                        f'text') from None
 
 
 def read_chunks(path: str, lines_per_chunk: int) -> Iterator[tuple[int, list[str]]]:
-    """(first line number, raw lines) for a JSONL file; one chunk with the whole text for .txt."""
+    """(first line number, raw lines) for a JSONL file; one chunk with the whole text for .txt.
+
+    Lines are split on b'\\n' and decoded one by one, so a decoding error names the line and
+    the byte's real offset; a truncated or corrupt .gz names the file and the last good line.
+    """
+    number = 0
     try:
         with _open(path) as f:
             if path.endswith(TEXT_SUFFIXES):
-                yield 1, [f.read()]
+                yield 1, [_decode(path, f.read(), 0, 0)]
                 return
-            chunk, first = [], 1
-            for number, line in enumerate(f, start=1):
-                chunk.append(line)
+            chunk, first, offset = [], 1, 0
+            for number, raw in enumerate(f, start=1):
+                chunk.append(_decode(path, raw, number, offset))
+                offset += len(raw)
                 if len(chunk) == lines_per_chunk:
                     yield first, chunk
                     chunk, first = [], number + 1
             if chunk:
                 yield first, chunk
-    except UnicodeDecodeError as e:
-        raise DataError(f'{path}: not UTF-8 text ({e})')
+    except (EOFError, OSError, zlib.error) as e:
+        kind = 'gzip file' if path.endswith('.gz') else 'file'
+        raise DataError(f'{path}: cannot be read after line {number} ({e}); a truncated or '
+                        f'corrupt {kind}?') from None
 
 
 def parse_chunk(path: str, first_line: int, lines: list[str], text_key: str) -> list[Document]:

@@ -14,16 +14,30 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from collections.abc import Iterable, Sequence
 
 import sentencepiece as spm
+from google.protobuf import message as protobuf_message
 from sentencepiece import sentencepiece_model_pb2
+
+from meditron_jax.data.sources import DataError
 
 FILENAME = 'tokenizer.model'   # where prepare() puts the tokenizer inside the data dir
 
 
-class TokenizerError(ValueError):
-    """A tokenizer file that cannot be used."""
+# SentencePiece's BPE encoding takes time (and memory) growing faster than the length of one
+# input (measured: 50K chars 0.06 s, 500K 1.5 s, 5M 23 s), so long texts are encoded in parts of
+# about this many characters, cut at a single space between two words. With whitespace-split
+# pieces and a dummy prefix (Llama-2's settings) no piece crosses such a space and the second
+# part's dummy prefix is that space, so the ids are the same as encoding the whole text.
+LONG_TEXT_CHARS = 16_384
+_WORD_BREAK = re.compile(r'(?<=\S) (?=\S)')
+_VOCAB_TOO_HIGH = re.compile(r'Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)')
+
+
+class TokenizerError(DataError):
+    """A tokenizer file that cannot be used, or a tokenizer that cannot be trained."""
 
 
 def file_sha256(path: str) -> str:
@@ -56,15 +70,31 @@ class Tokenizer:
         if self.bos_id < 0 or self.eos_id < 0:
             raise TokenizerError(f'tokenizer {model_path!r}: needs BOS and EOS pieces '
                                  f'(bos_id={self.bos_id}, eos_id={self.eos_id})')
+        proto = sentencepiece_model_pb2.ModelProto()
+        proto.ParseFromString(self._sp.serialized_model_proto())
+        self._split_long = (proto.trainer_spec.split_by_whitespace
+                            and proto.normalizer_spec.add_dummy_prefix
+                            and not proto.trainer_spec.treat_whitespace_as_suffix)
 
     def encode(self, text: str, bos: bool = True, eos: bool = True) -> list[int]:
-        ids = self._sp.EncodeAsIds(text)
-        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+        return self.encode_batch([text], bos, eos)[0]
 
     def encode_batch(self, texts: Sequence[str], bos: bool = True,
                      eos: bool = True) -> list[list[int]]:
-        """encode() over many texts in one call (SentencePiece releases the GIL per batch)."""
-        out = self._sp.Encode(list(texts), out_type=int, add_bos=bos, add_eos=eos)
+        """encode() over many texts in one call (SentencePiece releases the GIL per batch);
+        texts over LONG_TEXT_CHARS are encoded in parts (same ids, linear time)."""
+        if not self._split_long or all(len(t) <= LONG_TEXT_CHARS for t in texts):
+            return self._sp.Encode(list(texts), out_type=int, add_bos=bos, add_eos=eos)
+        parts, owners = [], []
+        for i, text in enumerate(texts):
+            pieces = split_long_text(text)
+            parts.extend(pieces)
+            owners.extend([i] * len(pieces))
+        out = [[self.bos_id] if bos else [] for _ in texts]
+        for i, ids in zip(owners, self._sp.Encode(parts, out_type=int)):
+            out[i].extend(ids)
+        for ids in out if eos else []:
+            ids.append(self.eos_id)
         return out
 
     def decode(self, ids: Iterable[int]) -> str:
@@ -76,6 +106,20 @@ class Tokenizer:
 
     def id_to_piece(self, i: int) -> str:
         return self._sp.IdToPiece(int(i))
+
+
+def split_long_text(text: str, size: int = LONG_TEXT_CHARS) -> list[str]:
+    """``text`` cut at single spaces between words into parts of about ``size`` characters (the
+    spaces dropped: a dummy prefix restores each); a text with no such space stays whole."""
+    parts, start = [], 0
+    while len(text) - start > size:
+        found = _WORD_BREAK.search(text, start + size)
+        if found is None:
+            break
+        parts.append(text[start:found.start()])
+        start = found.end()
+    parts.append(text[start:])
+    return parts
 
 
 def train(texts: Iterable[str], model_prefix: str, vocab_size: int,
@@ -108,6 +152,12 @@ def train(texts: Iterable[str], model_prefix: str, vocab_size: int,
             num_threads=1, input_sentence_size=2_000_000, shuffle_input_sentence=True,
             minloglevel=2, max_sentence_length=1 << 16)
     except RuntimeError as e:
+        too_high = _VOCAB_TOO_HIGH.search(str(e))
+        if too_high:
+            raise TokenizerError(
+                f'data.tokenizer_vocab_size={vocab_size} is more pieces than this corpus yields: '
+                f'set it to at most {too_high.group(2)} (SentencePiece: "{too_high.group(0)}"), '
+                f'or give more text or data.tokenizer') from None
         raise TokenizerError(f'training a {vocab_size}-piece tokenizer on {corpus!r} failed: {e}')
     finally:
         os.remove(corpus)
@@ -125,9 +175,13 @@ def train(texts: Iterable[str], model_prefix: str, vocab_size: int,
 
 def add_special_tokens(model_path: str, out_path: str, special_tokens: Sequence[str]) -> None:
     """Copies a .model, appending the special tokens it lacks as user-defined pieces."""
+    Tokenizer(model_path)   # a SentencePiece model with BOS and EOS, or an error naming it
     proto = sentencepiece_model_pb2.ModelProto()
     with open(model_path, 'rb') as f:
-        proto.ParseFromString(f.read())
+        try:
+            proto.ParseFromString(f.read())
+        except protobuf_message.DecodeError as e:
+            raise TokenizerError(f'tokenizer {model_path!r}: not a SentencePiece model ({e})')
     have = {p.piece for p in proto.pieces}
     for token in special_tokens:
         if token not in have:
