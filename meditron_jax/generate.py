@@ -63,6 +63,7 @@ def mask_padding(logits_BxV: Array, true_vocab_size: int) -> Array:
 def top_k_filter(logits_BxV: Array, k: Array) -> Array:
     """Keeps the k largest logits of each row (ties with the k-th kept too), -inf elsewhere."""
     sorted_BxV = jnp.sort(logits_BxV, axis=-1)[..., ::-1]
+    k = jnp.clip(k, 1, logits_BxV.shape[-1])
     kth_Bx1 = jnp.take_along_axis(sorted_BxV, jnp.broadcast_to(k - 1, logits_BxV.shape[:-1])
                                   [..., None], axis=-1)
     return jnp.where(logits_BxV >= kth_Bx1, logits_BxV, -jnp.inf)
@@ -205,6 +206,8 @@ def check_settings(max_new_tokens: Any, temperature: Any, top_k: Any, top_p: Any
 
 def check_prompts(prompts: Any, max_new_tokens: int, max_seq_len: int,
                   true_vocab_size: int) -> list[list[int]]:
+    if isinstance(prompts, np.ndarray) and prompts.ndim == 2:
+        prompts = list(prompts)
     if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or not prompts:
         raise GenerationError(f'prompts must be a non-empty list of lists of token ids, got '
                               f'{type(prompts).__name__}')
