@@ -45,11 +45,13 @@ class Model:
         return generate.generate(self, prompts, max_new_tokens, temperature=temperature,
                                  top_k=top_k, top_p=top_p, seed=seed, stop=stop)
 
-    def complete(self, texts, max_new_tokens, **kwargs) -> list[str]:
-        """Texts (encoded with BOS by the tokenizer) -> generated texts; same keywords as
-        ``generate``."""
+    def complete(self, texts, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, seed=0,
+                 stop=None) -> list[str]:
+        """Texts (encoded with BOS by the tokenizer) -> the generated texts, without the
+        stopping token and cut before the first stop string. Needs ``tokenizer``."""
         from meditron_jax import generate
-        return generate.complete(self, texts, max_new_tokens, **kwargs)
+        return generate.complete(self, texts, max_new_tokens, temperature=temperature,
+                                 top_k=top_k, top_p=top_p, seed=seed, stop=stop)
 
 
 def load(path: str | os.PathLike, mesh=None) -> Model:

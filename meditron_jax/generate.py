@@ -106,7 +106,7 @@ class DecodeState(flax.struct.PyTreeNode):
     cache: model_lib.Cache   # {'k', 'v'}: L x B x S x K x H
     last_B: Array            # each row's newest token: the next step's input
     position_B: Array        # its position (= its cache slot)
-    out_BxN: Array           # new tokens so far (pad_id past each row's count)
+    out_BxN: Array           # new tokens so far (0 past each row's count)
     count_B: Array           # how many new tokens each row has
     done_B: Array            # finished: a stop token, max_new_tokens, or a padding row
     step: Array              # tokens chosen so far per live row (the key's step number)
@@ -194,11 +194,12 @@ def check_settings(max_new_tokens: Any, temperature: Any, top_k: Any, top_p: Any
     problems = []
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
         problems.append(f'max_new_tokens={max_new_tokens!r} must be an integer >= 1')
-    if not temperature >= 0:
+    number = lambda x: isinstance(x, (int, float, np.integer, np.floating))
+    if not number(temperature) or not temperature >= 0:
         problems.append(f'temperature={temperature!r} must be >= 0 (0 = greedy)')
     if not isinstance(top_k, (int, np.integer)) or top_k < 0:
         problems.append(f'top_k={top_k!r} must be an integer >= 0 (0 = no top-k filter)')
-    if not 0 < top_p <= 1:
+    if not number(top_p) or not 0 < top_p <= 1:
         problems.append(f'top_p={top_p!r} must be in (0, 1] (1 = no nucleus filter)')
     if problems:
         raise GenerationError('; '.join(problems))
