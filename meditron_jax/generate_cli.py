@@ -67,7 +67,7 @@ def read_prompts(args) -> list[dict]:
         records = [dict(prompt=t) for t in args.prompt]
         where = [f'--prompt {i}' for i in range(len(records))]
     else:
-        if not os.path.isfile(args.prompt_file):
+        if not os.path.exists(args.prompt_file):
             raise GenerationError(f'--prompt_file {args.prompt_file}: no such file')
         records, where = [], []
         with open(args.prompt_file, encoding='utf-8') as f:
