@@ -36,6 +36,7 @@ setup(
             'meditron-prepare=meditron_jax.data.prepare:run',
             'meditron-convert=meditron_jax.convert.cli:run',
             'meditron-plan=meditron_jax.plan:run',
+            'meditron-generate=meditron_jax.generate_cli:run',
         ],
     },
 )

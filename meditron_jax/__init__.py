@@ -11,13 +11,20 @@ __version__ = '0.1.0'
 
 @dataclasses.dataclass
 class Model:
-    """Params + config, callable on token ids [B, T] -> float32 logits [B, T, V].
+    """Params + config, callable on token ids [B, T] -> float32 logits [B, T, V], and a
+    generator (``generate`` on token ids, ``complete`` on text; see meditron_jax/generate.py).
 
     ``true_vocab_size`` is the tokenizer's size; logits past it belong to padding rows.
+    ``tokenizer`` is a ``sentencepiece.SentencePieceProcessor`` when the checkpoint carries one;
+    ``eos_id`` stops generation (the tokenizer's, else the imported config's); ``mesh`` is
+    where the params live (None: one device).
     """
     config: Any            # model.LlamaConfig
     params: Any            # canonical stacked params (jax.Arrays)
     true_vocab_size: int
+    tokenizer: Any = None
+    eos_id: int | None = None
+    mesh: Any = None
 
     def __post_init__(self):
         import jax
@@ -28,6 +35,23 @@ class Model:
     def __call__(self, tokens):
         import jax.numpy as jnp
         return self._forward(self.params, jnp.asarray(tokens, jnp.int32))
+
+    def generate(self, prompts, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, seed=0,
+                 stop=None) -> list[list[int]]:
+        """Lists of token ids (unequal lengths allowed) -> lists of new token ids, one per
+        prompt. ``temperature=0`` is greedy; ``stop``: token ids and/or strings (strings need a
+        tokenizer). The stopping token (EOS or a stop id) ends its list."""
+        from meditron_jax import generate
+        return generate.generate(self, prompts, max_new_tokens, temperature=temperature,
+                                 top_k=top_k, top_p=top_p, seed=seed, stop=stop)
+
+    def complete(self, texts, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, seed=0,
+                 stop=None) -> list[str]:
+        """Texts (encoded with BOS by the tokenizer) -> the generated texts, without the
+        stopping token and cut before the first stop string. Needs ``tokenizer``."""
+        from meditron_jax import generate
+        return generate.complete(self, texts, max_new_tokens, temperature=temperature,
+                                 top_k=top_k, top_p=top_p, seed=seed, stop=stop)
 
 
 def load(path: str | os.PathLike, mesh=None) -> Model:
@@ -40,8 +64,11 @@ def load(path: str | os.PathLike, mesh=None) -> Model:
     path = os.fspath(path)
     if params_checkpoint.is_params_checkpoint(path):
         params, cfg = params_checkpoint.load_params(path, mesh=mesh)
-        true_vocab = params_checkpoint.read_metadata(path)['true_vocab_size']
-        return Model(config=cfg, params=params, true_vocab_size=true_vocab)
+        meta = params_checkpoint.read_metadata(path)
+        return _with_tokenizer(Model(config=cfg, params=params, mesh=mesh,
+                                     true_vocab_size=meta['true_vocab_size'],
+                                     eos_id=(meta.get('token_ids') or {}).get('eos_token_id')),
+                               path)
     if os.path.isdir(os.path.join(path, 'checkpoints')):
         return _load_workdir(path, mesh)
     raise FileNotFoundError(
@@ -63,4 +90,17 @@ def _load_workdir(workdir: str, mesh=None) -> Model:
     params = model_lib.to_layout(params, cfg.replace(scan_layers=True))  # Model runs stacked
     from meditron_jax import params_checkpoint
     true_vocab = params_checkpoint.workdir_meta(workdir)[0]['true_vocab_size']
-    return Model(config=cfg, params=params, true_vocab_size=true_vocab)
+    return _with_tokenizer(Model(config=cfg, params=params, true_vocab_size=true_vocab,
+                                 mesh=mesh), workdir)
+
+
+def _with_tokenizer(model: Model, path: str) -> Model:
+    """Attaches the checkpoint's SentencePiece tokenizer (and its EOS), when it has one."""
+    from meditron_jax import params_checkpoint
+    tokenizer_file = params_checkpoint.find_tokenizer(path)
+    if tokenizer_file is not None:
+        import sentencepiece as spm
+        model.tokenizer = spm.SentencePieceProcessor(model_file=tokenizer_file)
+        if model.tokenizer.eos_id() >= 0:
+            model.eos_id = model.tokenizer.eos_id()
+    return model

@@ -247,11 +247,39 @@ def attention(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array,
         implementation=resolve_attention(implementation, q_BxTxNxH.dtype))
 
 
+def cached_attention(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array,
+                     positions_BxT: Array, implementation: str = 'xla') -> Array:
+    """T new queries over a cache of S slots, slot j holding position j of its row: a query at
+    position p sees slots 0..p. The mask is explicit because ``is_causal=True`` aligns the
+    triangle top-left, which is wrong for fewer queries than keys (one query in a decode step)."""
+    slots_S = jnp.arange(k_BxSxKxH.shape[1])
+    mask_Bx1xTxS = (slots_S[None, None, :] <= positions_BxT[:, :, None])[:, None]
+    return jax.nn.dot_product_attention(
+        q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask_Bx1xTxS,
+        implementation=resolve_attention(implementation, q_BxTxNxH.dtype))
+
+
+# The KV cache: {'k', 'v'}, each (layers, batch, cache length, kv heads, head dim) in the compute
+# dtype, K kv heads (never repeated to N). Sharded like the activations.
+CACHE_AXES = ('layers', 'batch', 'length', 'act_kv_heads', None)
+Cache = dict[str, Array]
+
+
+def write_cache(cache_BxSxKxH: Array, new_BxTxKxH: Array, positions_BxT: Array) -> Array:
+    """Row b's new entries go to the slots of their positions (per row: prompts of unequal
+    lengths decode at different positions)."""
+    rows_Bx1 = jnp.arange(cache_BxSxKxH.shape[0])[:, None]
+    out = cache_BxSxKxH.at[rows_Bx1, positions_BxT].set(
+        new_BxTxKxH.astype(cache_BxSxKxH.dtype), mode='drop')
+    return sharding.constrain(out, CACHE_AXES[1:])
+
+
 class Attention(nn.Module):
     cfg: LlamaConfig
 
     @nn.compact
-    def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT):
+    def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT, cache: Cache | None = None):
+        """-> (output, the layer's cache with this call's keys and values written, or None)."""
         c = self.cfg
         d, n, k, h = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
         q = Einsum(c, 'btd,dnh->btnh', (d, n, h), ('embed', 'heads', 'head_dim'), name='q')(x_BxTxD)
@@ -263,9 +291,14 @@ class Attention(nn.Module):
                                ('batch', 'length', 'act_heads', None))
         kk = sharding.constrain(rope(kk, positions_BxT, c.rope_theta),
                                 ('batch', 'length', 'act_kv_heads', None))
-        out_BxTxNxH = attention(q, kk, v, segment_ids_BxT, c.attention)
+        if cache is None:
+            out_BxTxNxH = attention(q, kk, v, segment_ids_BxT, c.attention)
+        else:
+            cache = dict(k=write_cache(cache['k'], kk, positions_BxT),
+                         v=write_cache(cache['v'], v, positions_BxT))
+            out_BxTxNxH = cached_attention(q, cache['k'], cache['v'], positions_BxT, c.attention)
         return Einsum(c, 'btnh,nhd->btd', (n, h, d), ('heads', 'head_dim', 'embed'),
-                      name='o')(out_BxTxNxH)
+                      name='o')(out_BxTxNxH), cache
 
 
 class MLP(nn.Module):
@@ -282,15 +315,17 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm decoder block. Returns (x, None) so that nn.scan can carry x."""
+    """Pre-norm decoder block. Returns (x, layer cache or None) so that nn.scan carries x and
+    stacks the per-layer caches on the layers axis."""
     cfg: LlamaConfig
 
     @nn.compact
-    def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT):
-        x = x_BxTxD + Attention(self.cfg, name='attn')(
-            RMSNorm(self.cfg, name='attn_norm')(x_BxTxD), positions_BxT, segment_ids_BxT)
+    def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT, cache: Cache | None = None):
+        attn_out, cache = Attention(self.cfg, name='attn')(
+            RMSNorm(self.cfg, name='attn_norm')(x_BxTxD), positions_BxT, segment_ids_BxT, cache)
+        x = x_BxTxD + attn_out
         x = x + MLP(self.cfg, name='mlp')(RMSNorm(self.cfg, name='mlp_norm')(x))
-        return sharding.constrain(x, ('batch', 'length', 'act_embed')), None
+        return sharding.constrain(x, ('batch', 'length', 'act_embed')), cache
 
 
 class Llama(nn.Module):
@@ -298,8 +333,14 @@ class Llama(nn.Module):
 
     @nn.compact
     def __call__(self, tokens_BxT: Array, positions_BxT: Array | None = None,
-                 segment_ids_BxT: Array | None = None) -> Array:
-        """Token ids -> float32 logits. Positions default to 0..T-1 (one document a row)."""
+                 segment_ids_BxT: Array | None = None, cache: Cache | None = None,
+                 logits_at_B: Array | None = None):
+        """Token ids -> float32 logits. Positions default to 0..T-1 (one document a row).
+
+        Decoding: with a ``cache`` (``init_cache``), each token's keys and values are written to
+        the slot of its position and attention reads the cache; returns (logits, new cache).
+        ``logits_at_B`` computes the logits of one token a row only (B, 1, V): a prefill needs
+        just each prompt's last."""
         c = self.cfg
         if positions_BxT is None:
             positions_BxT = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape)
@@ -317,20 +358,31 @@ class Llama(nn.Module):
             block = nn.remat(Block, policy=REMAT_POLICIES[c.remat], prevent_cse=not c.scan_layers)
         if c.scan_layers:
             stack = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True},
-                            in_axes=(nn.broadcast, nn.broadcast), length=c.num_layers,
+                            in_axes=(nn.broadcast, nn.broadcast, 0), length=c.num_layers,
                             metadata_params={nn.PARTITION_NAME: 'layers'})
-            x, _ = stack(c, name='layers')(x, positions_BxT, segment_ids_BxT)
+            x, cache = stack(c, name='layers')(x, positions_BxT, segment_ids_BxT, cache)
         else:
+            layer_caches = []
             for i in range(c.num_layers):
-                x, _ = block(c, name=f'layers_{i}')(x, positions_BxT, segment_ids_BxT)
+                layer_cache = None if cache is None else jax.tree.map(lambda a, i=i: a[i], cache)
+                x, layer_cache = block(c, name=f'layers_{i}')(
+                    x, positions_BxT, segment_ids_BxT, layer_cache)
+                layer_caches.append(layer_cache)
+            if cache is not None:
+                cache = jax.tree.map(lambda *xs: jnp.stack(xs), *layer_caches)
 
+        if logits_at_B is not None:
+            x = jnp.take_along_axis(x, logits_at_B[:, None, None], axis=1)
         x = RMSNorm(c, name='final_norm')(x)
         head_DxV = Weight(c, (c.hidden_size, c.vocab_size), ('embed', 'vocab'), 'kernel',
                           name='lm_head')()
         dtype = jnp.dtype(c.compute_dtype)
         logits = jnp.einsum('btd,dv->btv', x.astype(dtype), head_DxV.astype(dtype),
                             preferred_element_type=jnp.float32)
-        return sharding.constrain(logits, ('batch', 'length', 'act_vocab'))
+        logits = sharding.constrain(logits, ('batch', 'length', 'act_vocab'))
+        if cache is None:
+            return logits
+        return logits, jax.tree.map(lambda a: sharding.constrain(a, CACHE_AXES), cache)
 
 
 # ------------------------------------------------------------------- functional interface
@@ -340,6 +392,26 @@ def forward(params: Params, cfg: LlamaConfig, tokens_BxT: Array, positions_BxT=N
             segment_ids_BxT=None) -> Array:
     """Pure forward pass: params in the layout ``cfg.scan_layers`` says -> float32 logits."""
     return Llama(cfg).apply({'params': params}, tokens_BxT, positions_BxT, segment_ids_BxT)
+
+
+def init_cache(cfg: LlamaConfig, batch: int, length: int) -> Cache:
+    """An empty KV cache of ``length`` slots a row, in the compute dtype."""
+    shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+    zeros = lambda: sharding.constrain(jnp.zeros(shape, jnp.dtype(cfg.compute_dtype)), CACHE_AXES)
+    return dict(k=zeros(), v=zeros())
+
+
+def cache_bytes_per_token(cfg: LlamaConfig) -> int:
+    """Bytes one token takes in the cache: 2 (k and v) x layers x kv heads x head dim x dtype."""
+    return (2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim
+            * jnp.dtype(cfg.compute_dtype).itemsize)
+
+
+def forward_cached(params: Params, cfg: LlamaConfig, tokens_BxT: Array, positions_BxT: Array,
+                   cache: Cache, logits_at_B: Array | None = None) -> tuple[Array, Cache]:
+    """Decode-mode forward: (float32 logits, the cache with these tokens' keys and values)."""
+    return Llama(cfg).apply({'params': params}, tokens_BxT, positions_BxT, None, cache,
+                            logits_at_B)
 
 
 def cross_entropy(logits_BxTxV: Array, targets_BxT: Array, weights_BxT: Array

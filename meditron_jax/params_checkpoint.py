@@ -61,6 +61,7 @@ FORMAT = 'meditron_jax.params'
 VERSION = 1
 META_FILE = 'meditron_params.json'
 PARAMS_DIR = 'params'
+TOKENIZER_FILE = 'tokenizer.model'   # optional: the SentencePiece model of the params
 
 
 class ParamsCheckpointError(ValueError):
@@ -338,6 +339,21 @@ def workdir_meta(workdir: str, step: int | None = None) -> tuple[dict, str]:
                 source=f'training workdir {workdir} step {step}', step=step,
                 digests=checkpoint.read_digests(workdir, step).get('params', {}))
     return meta, os.path.join(workdir, 'checkpoints', str(step), 'params')
+
+
+def find_tokenizer(path: str | os.PathLike) -> str | None:
+    """The SentencePiece model that travels with a params checkpoint (``tokenizer.model``,
+    copied there by meditron-convert import-*) or a training workdir (its prepared data's), or
+    None."""
+    path = os.fspath(path)
+    if is_params_checkpoint(path):
+        candidate = os.path.join(path, TOKENIZER_FILE)
+    else:
+        from meditron_jax import checkpoint
+        _, config = checkpoint.read_config(path)
+        data_dir = config['data']['dir'] or os.path.join(path, 'data')
+        candidate = os.path.join(data_dir, TOKENIZER_FILE)
+    return candidate if os.path.isfile(candidate) else None
 
 
 # ---------------------------------------------------------------------------------- writing

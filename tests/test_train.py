@@ -266,6 +266,7 @@ def test_load_workdir_reproduces_the_logged_validation_loss(uninterrupted, data_
     _, val = read_metrics(uninterrupted)
     assert loss_sum / count == pytest.approx(val[12], rel=1e-5)
     assert m(np.arange(16)[None]).shape == (1, 16, m.config.vocab_size)
+    assert m.tokenizer.GetPieceSize() == m.true_vocab_size   # the prepared data's tokenizer
 
 
 def diverging_config(data_dir, **train_overrides):

@@ -1,7 +1,9 @@
 """meditron-convert: import Llama-2 weights, export trained params.
 
-    meditron-convert import-hf   SRC DST [--dtype bfloat16] [--pad-vocab-multiple 128] [--force]
-    meditron-convert import-meta SRC DST [--dtype ...] [--pad-vocab-multiple ...] [--force]
+    meditron-convert import-hf   SRC DST [--dtype bfloat16] [--pad-vocab-multiple 128]
+                                 [--tokenizer PATH] [--force]
+    meditron-convert import-meta SRC DST [--dtype ...] [--pad-vocab-multiple ...]
+                                 [--tokenizer PATH] [--force]
     meditron-convert export-hf   SRC DST [--dtype ...] [--shard-size 5GB] [--tokenizer PATH]
                                  [--force]
     meditron-convert export-meta SRC DST [--shards N] [--dtype ...] [--tokenizer PATH] [--force]
@@ -63,6 +65,10 @@ def parser() -> argparse.ArgumentParser:
             s.add_argument('--tokenizer', default=None,
                            help='SentencePiece tokenizer.model (or, for export-hf, a directory '
                                 'of HF tokenizer files) to write next to the weights')
+        else:
+            s.add_argument('--tokenizer', default=None,
+                           help='SentencePiece tokenizer.model to keep with the params (default: '
+                                "the source's tokenizer.model when there is one)")
     return p
 
 
@@ -71,10 +77,12 @@ def main(argv: list[str] | None = None) -> str:
     start = time.perf_counter()
     if args.command == 'import-hf':
         out = hf.import_hf(args.src, args.dst, dtype=args.dtype,
-                           pad_vocab_multiple=args.pad_vocab_multiple, force=args.force)
+                           pad_vocab_multiple=args.pad_vocab_multiple, force=args.force,
+                           tokenizer=args.tokenizer)
     elif args.command == 'import-meta':
         out = meta.import_meta(args.src, args.dst, dtype=args.dtype,
-                               pad_vocab_multiple=args.pad_vocab_multiple, force=args.force)
+                               pad_vocab_multiple=args.pad_vocab_multiple, force=args.force,
+                               tokenizer=args.tokenizer)
     elif args.command == 'export-hf':
         out = hf.export_hf(args.src, args.dst, dtype=args.dtype, shard_size=args.shard_size,
                            tokenizer=args.tokenizer, force=args.force)

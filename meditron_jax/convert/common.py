@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import shutil
 from collections.abc import Callable, Iterable, Mapping
 
 import ml_dtypes
@@ -215,13 +216,38 @@ def torch_dtype(name: str):
 # --------------------------------------------------------------------------------- streaming
 
 
+def source_tokenizer(tokenizer: str | None, candidates: Iterable[str], true_vocab: int
+                     ) -> str | None:
+    """The tokenizer.model to copy into an imported checkpoint: ``tokenizer`` when given (it must
+    load and fit the vocabulary), else the first candidate file that exists, else None."""
+    import sentencepiece as spm
+    path = tokenizer or next((c for c in candidates if os.path.isfile(c)), None)
+    if path is None:
+        return None
+    if not os.path.isfile(path):
+        raise ConversionError(f'tokenizer {path}: no such file (expected a SentencePiece .model)')
+    try:
+        pieces = spm.SentencePieceProcessor(model_file=path).GetPieceSize()
+    except (OSError, RuntimeError) as e:
+        raise ConversionError(f'tokenizer {path}: not a SentencePiece model ({e})') from e
+    if pieces > true_vocab:
+        raise ConversionError(f'tokenizer {path} has {pieces} pieces but the model only '
+                              f'{true_vocab} vocabulary rows')
+    logging.info('tokenizer %s travels with the params', path)
+    return path
+
+
 def import_stream(read: Callable[[str], np.ndarray], plan, cfg: model_lib.LlamaConfig, dst: str,
                   *, true_vocab: int, force: bool, extra_meta: Mapping,
-                  end_of_layer: Callable[[], None] = lambda: None, src: str) -> str:
+                  end_of_layer: Callable[[], None] = lambda: None, src: str,
+                  tokenizer: str | None = None) -> str:
     """Reads the plan's torch tensors one at a time, converts and writes them to a params
-    checkpoint; ``end_of_layer`` lets a reader drop the file mappings of the layer just done."""
+    checkpoint; ``end_of_layer`` lets a reader drop the file mappings of the layer just done.
+    ``tokenizer`` (a SentencePiece file) is copied in as ``tokenizer.model``."""
     with pc.ParamsWriter(dst, cfg, true_vocab_size=true_vocab, force=force,
                          extra_meta=extra_meta, sources=(src,)) as writer:
+        if tokenizer:
+            shutil.copyfile(tokenizer, os.path.join(writer.tmp, pc.TOKENIZER_FILE))
         last_layer = None
         for name, rule, layer, _ in plan:
             if layer != last_layer:

@@ -278,8 +278,9 @@ def _token_ids(hf: dict) -> dict:
 
 
 def import_hf(src: str, dst: str, *, dtype: str | None = None, pad_vocab_multiple: int = 1,
-              force: bool = False) -> str:
-    """HF Llama checkpoint directory -> params checkpoint at ``dst``."""
+              force: bool = False, tokenizer: str | None = None) -> str:
+    """HF Llama checkpoint directory -> params checkpoint at ``dst`` (with the source's
+    tokenizer.model, or ``tokenizer``, when there is one)."""
     config_path = os.path.join(src, 'config.json')
     if not os.path.isfile(config_path):
         raise ConversionError(f'{src}: config.json is missing (the model shape comes from it)')
@@ -303,7 +304,8 @@ def import_hf(src: str, dst: str, *, dtype: str | None = None, pad_vocab_multipl
     return common.import_stream(
         read, plan, cfg, dst, true_vocab=true_vocab, force=force,
         extra_meta={'source': f'hf:{os.path.abspath(src)}', 'token_ids': _token_ids(hf)},
-        end_of_layer=weights.release, src=src)
+        end_of_layer=weights.release, src=src, tokenizer=common.source_tokenizer(
+            tokenizer, [os.path.join(src, 'tokenizer.model')], true_vocab))
 
 
 # ----------------------------------------------------------------------------------- export

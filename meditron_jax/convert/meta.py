@@ -182,8 +182,9 @@ def _merged_shapes(shards: list[TorchFiles], src: str) -> dict[str, tuple[int, .
 
 
 def import_meta(src: str, dst: str, *, dtype: str | None = None, pad_vocab_multiple: int = 1,
-                force: bool = False) -> str:
-    """Meta consolidated checkpoint directory -> params checkpoint at ``dst``."""
+                force: bool = False, tokenizer: str | None = None) -> str:
+    """Meta consolidated checkpoint directory -> params checkpoint at ``dst`` (with
+    tokenizer.model from ``src`` or its parent, or ``tokenizer``, when there is one)."""
     params_path = os.path.join(src, 'params.json')
     if not os.path.isfile(params_path):
         raise ConversionError(f'{src}: params.json is missing (the model shape comes from it)')
@@ -221,7 +222,10 @@ def import_meta(src: str, dst: str, *, dtype: str | None = None, pad_vocab_multi
         read, plan, cfg, dst, true_vocab=true_vocab, force=force,
         extra_meta={'source': f'meta:{os.path.abspath(src)}',
                     'token_ids': {'bos_token_id': 1, 'eos_token_id': 2}},
-        end_of_layer=release, src=src)
+        end_of_layer=release, src=src, tokenizer=common.source_tokenizer(
+            tokenizer, [os.path.join(src, 'tokenizer.model'),   # Meta keeps it one level up
+                        os.path.join(os.path.dirname(os.path.abspath(src)), 'tokenizer.model')],
+            true_vocab))
 
 
 # ----------------------------------------------------------------------------------- export
