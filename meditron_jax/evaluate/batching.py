@@ -4,7 +4,8 @@ on the model's mesh. One compile serves the whole run.
 
 A ``Row`` is token ids plus queries ``(position, target ids)``: the log-probabilities, over the
 tokenizer's true vocabulary only, of the target tokens as the next token after ``position``.
-likelihood: one query per continuation token (summed); top_token: one query, the label tokens.
+likelihood: a prompt's options share its rows (``option_rows``), each continuation token one
+query target, summed; top_token: one query, the label tokens.
 """
 
 from __future__ import annotations
@@ -86,11 +87,23 @@ class Scorer:
         vocab = int(model.true_vocab_size)
         cfg = self.cfg
 
-        def query_logprobs(params, tokens_BxT, positions_BxT, segments_BxT, targets_BxTxK):
-            logits_BxTxV = model_lib.forward(params, cfg, tokens_BxT, positions_BxT,
-                                             segments_BxT)[..., :vocab]
-            logp_BxTxV = jax.nn.log_softmax(logits_BxTxV, axis=-1)
-            return jnp.take_along_axis(logp_BxTxV, targets_BxTxK, axis=-1)
+        def query_logprobs(params, tokens_BxT, positions_BxT, segments_BxT, query_pos_BxQ,
+                           targets_BxQxK):
+            # The final hidden states, then the head at the queried positions only: the
+            # model's own full-length logits are dead code that XLA drops.
+            _, state = model_lib.Llama(cfg).apply(
+                {'params': params}, tokens_BxT, positions_BxT, segments_BxT,
+                capture_intermediates=lambda m, _: m.name == 'final_norm',
+                mutable=['intermediates'])
+            x_BxTxD = state['intermediates']['final_norm']['__call__'][0]
+            x_BxQxD = jnp.take_along_axis(x_BxTxD, query_pos_BxQ[..., None], axis=1)
+            dtype = jnp.dtype(cfg.compute_dtype)
+            head_DxV = params['lm_head']['kernel'][:, :vocab]
+            logits_BxQxV = jnp.einsum('bqd,dv->bqv', x_BxQxD.astype(dtype),
+                                      head_DxV.astype(dtype),
+                                      preferred_element_type=jnp.float32)
+            logp_BxQxV = jax.nn.log_softmax(logits_BxQxV, axis=-1)
+            return jnp.take_along_axis(logp_BxQxV, targets_BxQxK, axis=-1)
 
         self._fn = jax.jit(query_logprobs)
 
@@ -110,14 +123,18 @@ class Scorer:
         target = max(max(lengths), 2 * sum(lengths) // len(lengths))
         return min(self.max_len, -(-target // 64) * 64)
 
-    def score(self, rows: Sequence[Row], progress=None) -> list[list[np.ndarray]]:
-        """For each row, for each query, the log-probs of its targets (float32 array [K])."""
+    def score(self, rows: Sequence[Row], progress=None, counts: Sequence[int] | None = None
+              ) -> list[list[np.ndarray]]:
+        """For each row, for each query, the log-probs of its targets (float32 array [K]).
+        ``progress.update`` gets ``counts[i]`` (default 1) when row i is done."""
         if not rows:
             return []
         rows = [truncate_left(r, self.max_len) for r in rows]
         seq_len = self.seq_len_for(rows)
         k = max(len(t) for r in rows for _, t in r.queries)
         bins = pack([len(r.tokens) for r in rows], seq_len)
+        # Queries per packed sequence, fixed for the run (one compile), in multiples of 8.
+        q = -(-max(sum(len(rows[i].queries) for i in b) for b in bins) // 8) * 8
         results: list[list[np.ndarray] | None] = [None] * len(rows)
         pending = []
         for start in range(0, len(bins), self.batch_size):
@@ -125,41 +142,83 @@ class Scorer:
             shape = (self.batch_size, seq_len)
             tokens, positions = np.zeros(shape, np.int32), np.zeros(shape, np.int32)
             segments = np.zeros(shape, np.int32)
-            targets = np.zeros(shape + (k,), np.int32)
-            where = []     # (row index, [(b, t) per query])
+            query_pos = np.zeros((self.batch_size, q), np.int32)
+            targets = np.zeros((self.batch_size, q, k), np.int32)
+            where = []     # (row index, [(b, query slot, n targets) per query])
             for b, members in enumerate(batch_bins):
-                offset = 0
+                offset, slot = 0, 0
                 for segment, i in enumerate(members, 1):
                     row, n = rows[i], len(rows[i].tokens)
                     tokens[b, offset:offset + n] = row.tokens
                     positions[b, offset:offset + n] = np.arange(n)
                     segments[b, offset:offset + n] = segment
+                    slots = []
                     for p, t in row.queries:
-                        targets[b, offset + p, :len(t)] = t
-                    where.append((i, [(b, offset + p, len(t)) for p, t in row.queries]))
+                        query_pos[b, slot] = offset + p
+                        targets[b, slot, :len(t)] = t
+                        slots.append((b, slot, len(t)))
+                        slot += 1
+                    where.append((i, slots))
                     offset += n
-            pending.append((self._run((tokens, positions, segments, targets)), where))
+            pending.append((self._run((tokens, positions, segments, query_pos, targets)),
+                            where))
             if len(pending) > 2:       # keep the device busy while the host packs the next
-                self._collect(pending.pop(0), results, progress)
+                self._collect(pending.pop(0), results, progress, counts)
         for item in pending:
-            self._collect(item, results, progress)
+            self._collect(item, results, progress, counts)
         return results
 
     @staticmethod
-    def _collect(item, results, progress) -> None:
+    def _collect(item, results, progress, counts) -> None:
         out, where = item
         out = np.asarray(out)
         for i, queries in where:
             results[i] = [out[b, t, :n] for b, t, n in queries]
         if progress is not None:
-            progress.update(len(where))
+            progress.update(sum(counts[i] for i, _ in where) if counts else len(where))
 
 
-def likelihoods(scorer: Scorer, pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
-                progress=None) -> list[float]:
-    """log p(continuation | context) for each (context ids, continuation ids) pair."""
-    out = scorer.score([likelihood_row(c, x) for c, x in pairs], progress)
-    return [float(sum(q[0] for q in r)) for r in out]
+def option_rows(context: Sequence[int], continuations: Sequence[Sequence[int]]
+                ) -> tuple[list[Row], list[list[tuple[int, int, int]]]]:
+    """The rows that score all of one prompt's continuations, sharing the prompt: every
+    continuation token is a query on the prefix before it, a prefix that another row extends is
+    read from that row, and queries on one position share it. Single-token options (letters)
+    thus cost one row per item, not one per option.
+
+    Returns (rows, where): for continuation c, token j: (row, query, target) indices."""
+    needs: dict[tuple[int, ...], list[tuple[int, int, int]]] = {}
+    for c, cont in enumerate(continuations):
+        for j, token in enumerate(cont):
+            needs.setdefault(tuple(context) + tuple(cont[:j]), []).append((c, j, token))
+    rows: list[Row] = []
+    where = [[None] * len(cont) for cont in continuations]
+    for prefix in sorted(needs, key=len, reverse=True):
+        r = next((i for i, row in enumerate(rows) if len(row.tokens) >= len(prefix)
+                  and tuple(row.tokens[:len(prefix)]) == prefix), None)
+        if r is None:
+            rows.append(Row(list(prefix), []))
+            r = len(rows) - 1
+        targets = sorted({token for _, _, token in needs[prefix]})
+        rows[r].queries.append((len(prefix) - 1, targets))
+        for c, j, token in needs[prefix]:
+            where[c][j] = (r, len(rows[r].queries) - 1, targets.index(token))
+    return rows, where
+
+
+def option_loglikelihoods(scorer: Scorer, prompts: Sequence[tuple[Sequence[int],
+                                                                  Sequence[Sequence[int]]]],
+                          progress=None) -> list[list[float]]:
+    """For each (context ids, [continuation ids per option]): log p(continuation | context) per
+    option."""
+    rows, plans, counts = [], [], []
+    for context, conts in prompts:
+        item_rows, where = option_rows(context, conts)
+        plans.append((len(rows), where))
+        rows += item_rows
+        counts += [0] * (len(item_rows) - 1) + [1]      # the progress bar counts items
+    out = scorer.score(rows, progress, counts)
+    return [[float(sum(out[base + r][q][t] for r, q, t in cont)) for cont in where]
+            for base, where in plans]
 
 
 def next_token_logprobs(scorer: Scorer, contexts: Sequence[tuple[Sequence[int], Sequence[int]]],

@@ -79,13 +79,13 @@ def score_options(scorer: batching.Scorer, tok: SPTokenizer, items: Sequence[Ite
     conts = [prompts.continuations(item, chat_mode) for item in items]
     records = []
     if mode == 'likelihood':
-        pairs = [scoring.continuation_ids(tok.encode, tok.bos_id, text, c)
-                 for text, cs in zip(texts, conts) for c in cs]
-        # Rows are counted; the scale shows them as items (a benchmark's items have as many
-        # options each).
-        bar = tqdm(total=len(pairs), unit='item', unit_scale=len(items) / len(pairs),
-                   desc=f'{mode} seed {seed}', mininterval=1.0)
-        flat = batching.likelihoods(scorer, pairs, bar)
+        prompt_ids = []
+        for text, cs in zip(texts, conts):
+            pairs = [scoring.continuation_ids(tok.encode, tok.bos_id, text, c) for c in cs]
+            prompt_ids.append((pairs[0][0], [cont for _, cont in pairs]))
+        bar = tqdm(total=len(items), unit='item', desc=f'{mode} seed {seed}', mininterval=1.0)
+        flat = [s for scores in batching.option_loglikelihoods(scorer, prompt_ids, bar)
+                for s in scores]
         start = 0
         for item, text, cs in zip(items, texts, conts):
             scores, start = flat[start:start + len(cs)], start + len(cs)
