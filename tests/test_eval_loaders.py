@@ -98,6 +98,9 @@ def test_other_bad_inputs(tmp_path):
     with pytest.raises(EvalInputError, match="unknown benchmark 'medxqa'"):
         loaders.load('medxqa', str(empty))
     rows = [json.loads(x) for x in open(os.path.join(S, 'medmcqa', 'dev.json'))]
+    dup = write_lines(tmp_path / 'dup.json', rows[:2] + [dict(rows[2], id=rows[0]['id'])])
+    with pytest.raises(EvalInputError, match="dup.json: id 'smp-dev-0000' appears more than"):
+        loaders.load('medmcqa', dup)
     bad = write_lines(tmp_path / 'mc.json', rows[:1] + [dict(rows[1], cop=7)])
     with pytest.raises(EvalInputError, match=r'mc.json:2: cop 7 is not an option index'):
         loaders.load('medmcqa', bad)

@@ -123,3 +123,18 @@ def test_cli_all_benchmarks_writes_predictions_summary_and_results(built, tmp_pa
     assert table.splitlines()[0] == ('| Model | MMLU-Medical | PubMedQA | MedMCQA | MedQA | '
                                      'MedQA-4-Option | Avg |')
     assert not [f for f in os.listdir(out / 'medqa') if f.startswith('.')]   # no temp files
+
+
+def test_a_failed_run_leaves_no_summary(built, tmp_path):
+    out = tmp_path / 'out'
+    out.mkdir()
+    (out / 'summary.json').write_text('{"accuracy": 0.9}')      # from an earlier run
+    proc = subprocess.run(
+        [sys.executable, '-m', 'meditron_jax.evaluate', '--model', built['ckpt'],
+         '--tokenizer', built['tok'], '--benchmark', 'medqa', '--data',
+         os.path.join(MEDQA, 'test.jsonl'), '--fewshot_data', os.path.join(MEDQA, 'train.jsonl'),
+         '--shots', '9', '--out', str(out)], cwd=eh.REPO, capture_output=True, text=True,
+        timeout=300)
+    assert proc.returncode != 0
+    assert '--shots 9 but the few-shot pool has only 4 items' in proc.stderr
+    assert os.listdir(out) == []

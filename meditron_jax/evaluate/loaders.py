@@ -226,17 +226,22 @@ def load_mmlu(directory: str, split: str = 'test',
 def load(benchmark: str, path: str, split: str = 'test', cop_base: int | None = None
          ) -> list[Item]:
     """The items of one benchmark file (or directory, for pubmedqa and mmlu_medical)."""
-    if benchmark == 'medqa':
-        return load_medqa(path, 5)
-    if benchmark == 'medqa4':
-        return load_medqa(path, 4)
-    if benchmark == 'medmcqa':
-        return load_medmcqa(path, cop_base)
-    if benchmark == 'pubmedqa':
-        return load_pubmedqa(path, split)
-    if benchmark == 'mmlu_medical':
-        return load_mmlu(path, split)
-    raise EvalInputError(f'unknown benchmark {benchmark!r}; expected one of {BENCHMARKS}')
+    if benchmark in ('medqa', 'medqa4'):
+        items = load_medqa(path, 5 if benchmark == 'medqa' else 4)
+    elif benchmark == 'medmcqa':
+        items = load_medmcqa(path, cop_base)
+    elif benchmark == 'pubmedqa':
+        items = load_pubmedqa(path, split)
+    elif benchmark == 'mmlu_medical':
+        items = load_mmlu(path, split)
+    else:
+        raise EvalInputError(f'unknown benchmark {benchmark!r}; expected one of {BENCHMARKS}')
+    seen = set()
+    for item in items:      # predictions are matched to items by id, never by prompt text
+        if item.id in seen:
+            raise EvalInputError(f'{path}: id {item.id!r} appears more than once')
+        seen.add(item.id)
+    return items
 
 
 def check_count(benchmark: str, items: Sequence[Item], limit: int | None = None) -> None:

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from meditron_jax.data import chat
 from meditron_jax.evaluate import batching, prompts, scoring
-from meditron_jax.evaluate.loaders import Item
+from meditron_jax.evaluate.loaders import EvalInputError, Item
 
 MODES = ('likelihood', 'top_token', 'generate', 'cot', 'sc_cot')
 GENERATIVE_MODES = ('generate', 'cot', 'sc_cot')
@@ -45,7 +45,7 @@ def select_demos(pool: Sequence[Item], k: int, seed: int, subject: str | None = 
     candidates = [d for d in pool if d.subject == subject] if subject is not None else []
     candidates = candidates or list(pool)
     if len(candidates) < k:
-        raise ValueError(f'--shots {k} but the few-shot pool has only {len(candidates)} items'
+        raise EvalInputError(f'--shots {k} but the few-shot pool has only {len(candidates)} items'
                          + (f' for subject {subject}' if subject else ''))
     key = f'{seed}:{subject}' if subject is not None else str(seed)
     return random.Random(key).sample(candidates, k)
