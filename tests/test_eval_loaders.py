@@ -61,9 +61,10 @@ def test_pubmedqa_keeps_only_the_ground_truth_ids():
     assert {i.id for i in train} == {'90000004', '90000005', '90000006'}
 
 
-def test_mmlu_subjects_and_missing_ones_warn(caplog):
+def test_mmlu_subjects_and_missing_ones_warn(caplog, tmp_path):
+    shutil.copytree(os.path.join(S, 'mmlu'), tmp_path / 'mmlu')   # paths not warned about yet
     with caplog.at_level(logging.WARNING):
-        items = loaders.load('mmlu_medical', os.path.join(S, 'mmlu'))
+        items = loaders.load('mmlu_medical', str(tmp_path / 'mmlu'))
     assert {i.subject for i in items} == {'anatomy', 'virology'} and len(items) == 6
     assert items[0].id == 'anatomy-1' and items[0].answer == 'D'
     assert 'clinical_knowledge' in caplog.text and 'skipped' in caplog.text

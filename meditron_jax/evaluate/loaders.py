@@ -30,6 +30,7 @@ MMLU_MEDICAL_SUBJECTS = (
     'high_school_biology', 'medical_genetics', 'nutrition', 'professional_medicine', 'virology')
 PUBMEDQA_LABELS = ('yes', 'no', 'maybe')
 LETTERS = 'ABCDE'
+_warned_missing: set[str] = set()     # a missing MMLU file is reported once per process
 
 
 class EvalInputError(ValueError):
@@ -199,7 +200,9 @@ def load_mmlu(directory: str, split: str = 'test',
     for subject in subjects:
         path = os.path.join(directory, split, f'{subject}_{split}.csv')
         if not os.path.isfile(path):
-            log.warning('MMLU subject %s: %s not found, skipped', subject, path)
+            if path not in _warned_missing:
+                log.warning('MMLU subject %s: %s not found, skipped', subject, path)
+                _warned_missing.add(path)
             continue
         found.append(subject)
         with open(path, encoding='utf-8', newline='') as f:
