@@ -6,7 +6,8 @@ setup(
     description='Continued pretraining of Llama-2 on medical text, in JAX/Flax',
     python_requires='>=3.11',
     packages=find_packages(include=['meditron_jax', 'meditron_jax.*', 'configs']),
-    package_data={'meditron_jax': ['data/corpus/*/*.jsonl']},
+    package_data={'meditron_jax': ['data/corpus/*/*.jsonl', 'evaluate/samples/*/*',
+                                  'evaluate/samples/*/*/*']},
     install_requires=[
         # Ranges are the versions this code is tested with (see ../shared/STACK.md).
         'jax>=0.10.2,<0.11',
@@ -37,6 +38,8 @@ setup(
             'meditron-convert=meditron_jax.convert.cli:run',
             'meditron-plan=meditron_jax.plan:run',
             'meditron-generate=meditron_jax.generate_cli:run',
+            'meditron-eval=meditron_jax.evaluate.cli:run',
+            'meditron-prepare-sft=meditron_jax.evaluate.to_sft:run',
         ],
     },
 )
