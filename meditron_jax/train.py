@@ -58,11 +58,13 @@ class NonFiniteError(FloatingPointError):
 def loss_terms(params, cfg: model.LlamaConfig, batch: dict) -> tuple[Array, Array]:
     """(summed next-token loss, number of predicted tokens) for one packed batch.
 
-    Rows hold seq_len + 1 tokens; a token is predicted only from the same document (segment).
+    Rows hold seq_len + 1 tokens; a token is predicted only from the same document (segment),
+    and counts where loss_mask is 1 (all of a text document, the assistant turns of a chat).
     """
     tokens, segments, positions = batch['tokens'], batch['segment_ids'], batch['positions']
     logits = model.forward(params, cfg, tokens[:, :-1], positions[:, :-1], segments[:, :-1])
-    weights = (segments[:, 1:] == segments[:, :-1]) & (segments[:, 1:] != 0)
+    same_document = (segments[:, 1:] == segments[:, :-1]) & (segments[:, 1:] != 0)
+    weights = same_document & (batch['loss_mask'][:, 1:] != 0)
     return model.cross_entropy(logits, tokens[:, 1:], weights)
 
 
@@ -161,7 +163,8 @@ def fresh_state(params, optimizer, shardings: TrainState) -> TrainState:
 def compile_steps(config, cfg, optimizer, schedule, shardings: TrainState, mesh):
     """The jitted train and eval steps, with explicit in/out shardings and a donated state."""
     batch_sharding = sharding.batch_sharding(mesh)
-    batch_shardings = {k: batch_sharding for k in ('tokens', 'segment_ids', 'positions')}
+    batch_shardings = {k: batch_sharding
+                       for k in ('tokens', 'segment_ids', 'positions', 'loss_mask')}
     step_fn = jax.jit(
         functools.partial(train_step, cfg=cfg, optimizer=optimizer, schedule=schedule,
                           grad_accum_steps=int(config.optim.grad_accum_steps)),
@@ -268,13 +271,48 @@ def grow_vocab(params, vocab_size: int):
             'lm_head': {'kernel': jnp.pad(head, ((0, 0), (0, extra)))}}
 
 
+def steps_for(config: ml_collections.ConfigDict, manifest: dict) -> int:
+    """train.steps, or with train.epochs > 0 the steps that pass over the prepared training
+    tokens that many times: ceil(epochs x tokens / (global_batch_size x (seq_len + 1))). First-fit
+    packing pads rows, so chat runs see each conversation a little fewer times than this."""
+    epochs = float(config.train.epochs)
+    if epochs <= 0:
+        return int(config.train.steps)
+    tokens = int(manifest['totals']['train']['tokens'])
+    per_step = int(config.data.global_batch_size) * (int(config.data.seq_len) + 1)
+    steps = max(1, int(np.ceil(epochs * tokens / per_step)))
+    if jax.process_index() == 0:  # printed, not logged: the run's length is worth seeing
+        print(f'train.epochs={epochs:g} over {tokens} training tokens at {per_step} tokens a '
+              f'step: {steps} steps', file=sys.stderr)
+    return steps
+
+
+def _read_init_params(path: str, mesh) -> tuple[model.LlamaConfig, Any]:
+    """(model config, stacked params) of a params checkpoint or a training workdir's latest
+    complete step."""
+    from meditron_jax import params_checkpoint
+    if (not params_checkpoint.is_params_checkpoint(path)
+            and os.path.isdir(os.path.join(path, 'checkpoints'))):
+        step, saved = checkpoint.read_config(path)
+        source = model.LlamaConfig(**saved['model'])
+        abstract, _ = model.param_specs(source)
+        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                              abstract, model.param_shardings(source, mesh))
+        _, params, _ = checkpoint.restore_params(path, target, step)
+        log.info('init_from: training workdir %s, step %d', path, step)
+        return source, model.to_layout(params, source.replace(scan_layers=True))
+    source = params_checkpoint.read_config(path)
+    return source, params_checkpoint.load_params(path, mesh=mesh)[0]
+
+
 def _init_params(config, cfg, mesh):
-    """Random params, or train.init_from's (a params checkpoint from meditron-convert)."""
+    """Random params, or train.init_from's (a params checkpoint from meditron-convert, or a
+    training workdir: pretrain -> finetune)."""
     if not config.train.init_from:
         return model.init_params(cfg, mesh, seed=int(config.train.seed))
-    from meditron_jax import params_checkpoint
     path = config.train.init_from
-    source = params_checkpoint.read_config(path).replace(scan_layers=True)
+    source, params = _read_init_params(path, mesh)
+    source = source.replace(scan_layers=True)
     mismatch = {k: (getattr(source, k), getattr(cfg, k)) for k in checkpoint.SHAPE_KEYS
                 if k not in ('param_dtype', 'vocab_size') and getattr(source, k) != getattr(cfg, k)}
     if source.vocab_size > cfg.vocab_size:
@@ -283,7 +321,6 @@ def _init_params(config, cfg, mesh):
         raise ValueError(f'train.init_from={path}: model shape differs from the config: ' +
                          ', '.join(f'model.{k}: checkpoint {a} vs config {b}'
                                    for k, (a, b) in mismatch.items()))
-    params, _ = params_checkpoint.load_params(path, mesh=mesh)
     if source.vocab_size < cfg.vocab_size:
         log.info('init_from: growing the vocabulary from %d to %d rows', source.vocab_size,
                  cfg.vocab_size)
@@ -315,7 +352,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     if is_primary:  # cheap when prepared; refuses shards made with other cleaning options
         prepare.prepare(config.data, data_dir)
     multihost_utils.sync_global_devices('data prepared')
-    tokenizer_vocab = loader.open_prepared(config.data, data_dir)[0]['tokenizer']['vocab_size']
+    manifest = loader.open_prepared(config.data, data_dir)[0]
+    tokenizer_vocab = manifest['tokenizer']['vocab_size']
     if tokenizer_vocab > cfg.vocab_size:
         raise ValueError(f'the tokenizer in {data_dir} has {tokenizer_vocab} pieces but '
                          f'model.vocab_size={cfg.vocab_size}: raise model.vocab_size (a multiple '
@@ -326,7 +364,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
         process_index=jax.process_index(), process_count=jax.process_count())
 
     # 3. State: resume from the workdir, else init_from, else random.
-    steps = int(config.train.steps)
+    steps = steps_for(config, manifest)
     schedule = optim.lr_schedule(config.optim, steps)
     optimizer = optim.make_optimizer(config.optim, steps)
     abstract, shardings = abstract_state(cfg, optimizer, mesh)
