@@ -40,6 +40,10 @@ log = logging.getLogger(__name__)
 Array = jax.Array
 
 
+# A batch: int32 (rows, seq_len + 1) arrays; loss_mask is all ones for text (see data/loader.py).
+BATCH_KEYS = ('tokens', 'segment_ids', 'positions', 'loss_mask')
+
+
 class TrainState(flax.struct.PyTreeNode):
     step: Array
     params: Any
@@ -163,8 +167,7 @@ def fresh_state(params, optimizer, shardings: TrainState) -> TrainState:
 def compile_steps(config, cfg, optimizer, schedule, shardings: TrainState, mesh):
     """The jitted train and eval steps, with explicit in/out shardings and a donated state."""
     batch_sharding = sharding.batch_sharding(mesh)
-    batch_shardings = {k: batch_sharding
-                       for k in ('tokens', 'segment_ids', 'positions', 'loss_mask')}
+    batch_shardings = {k: batch_sharding for k in BATCH_KEYS}
     step_fn = jax.jit(
         functools.partial(train_step, cfg=cfg, optimizer=optimizer, schedule=schedule,
                           grad_accum_steps=int(config.optim.grad_accum_steps)),
