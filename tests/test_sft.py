@@ -216,3 +216,23 @@ def test_bad_chat_input_names_file_and_line_and_writes_nothing(tmp_path, line, m
     with pytest.raises(DataError, match=message):
         prepare.prepare(cfg, str(tmp_path / 'out'))
     assert not os.path.exists(tmp_path / 'out')
+
+
+@pytest.mark.parametrize('name,devices', [('sft_meditron_7b', 8), ('sft_meditron_70b', 128)])
+def test_sft_configs_carry_the_paper_recipe(name, devices):
+    import importlib
+    c = importlib.import_module(f'configs.{name}').get_config()
+    o = c.optim
+    assert (o.b1, o.b2, o.eps, o.weight_decay) == (0.9, 0.95, 1e-5, 0.1)
+    assert (o.lr_peak, o.lr_min, o.warmup_fraction) == (2e-5, 2e-6, 0.1)
+    assert c.train.epochs == 3 and c.data.global_batch_size == 64
+    assert c.model.compute_dtype == 'bfloat16' and c.train.init_from
+    assert (c.data.format, c.data.packing) == ('chat', 'first_fit')
+    # The schedule: 10% of the steps warm up, then cosine to 10% of the peak.
+    schedule = optim.lr_schedule(o, 1000)
+    assert float(schedule(100)) == pytest.approx(2e-5) and float(schedule(1000)) == \
+        pytest.approx(2e-6)
+    # The 64 sequences split evenly over the data-parallel ranks of the intended cluster.
+    tp = c.mesh.tensor
+    dp = devices // tp
+    assert 64 % o.grad_accum_steps == 0 and (64 // o.grad_accum_steps) % dp == 0
