@@ -74,7 +74,7 @@ def get_config() -> ml_collections.ConfigDict:
         lr_peak=3e-4,
         lr_min=3e-5,                # cosine floor (the paper: 10% of peak)
         warmup_steps=2000,
-        warmup_fraction=0.0,        # >0: warmup = this fraction of the steps (replaces warmup_steps)
+        warmup_fraction=0.0,        # >0: warmup this share of the steps (not warmup_steps)
         decay_steps=0,              # cosine length after warmup; 0 = train.steps - warmup_steps
         b1=0.9,
         b2=0.95,

@@ -38,11 +38,10 @@ def get_config(pretrained_workdir: str = ''):
         c.train.init_from = pretrained_workdir
         c.data.tokenizer = os.path.join(pretrained_workdir, 'data', 'tokenizer.model')
         c.model.vocab_size = 2176       # 2048 + the two ChatML tokens, padded to 128s
-        c.optim.lr_peak, c.optim.lr_min = 1e-3, 1e-4
     else:
         c.data.tokenizer_vocab_size = 512
         c.model.vocab_size = 512
-        c.optim.lr_peak, c.optim.lr_min = 3e-3, 3e-4
+    c.optim.lr_peak, c.optim.lr_min = 3e-3, 3e-4
     c.optim.warmup_fraction = 0.1
     c.train.epochs = 60
     c.train.log_every = 10

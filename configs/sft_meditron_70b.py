@@ -2,7 +2,8 @@
 
     meditron-prepare --config configs/sft_meditron_70b.py     # tokenise: ids + loss masks
     meditron-plan    --config configs/sft_meditron_70b.py     # memory, no GPU
-    meditron-train   --config configs/sft_meditron_70b.py --workdir /checkpoints/runs/meditron-70b-sft
+    meditron-train   --config configs/sft_meditron_70b.py \
+                     --workdir /checkpoints/runs/meditron-70b-sft
 
 Recipe (the MEDITRON paper's finetuning, as for 7B, see sft_meditron_7b.py): AdamW (0.9, 0.95,
 eps 1e-5), lr 2e-5, 10% warmup, cosine to 10%, weight decay 0.1, global batch 64, 3 epochs

@@ -1,9 +1,11 @@
 """MEDITRON-7B task finetuning (SFT): the continued-pretraining output finetuned on chat data.
 
-    meditron-prepare-sft --benchmark medqa --data /data/medqa/train.jsonl --out /data/sft/medqa.jsonl
+    meditron-prepare-sft --benchmark medqa --data /data/medqa/train.jsonl \
+                         --out /data/sft/medqa.jsonl
     meditron-prepare --config configs/sft_meditron_7b.py      # tokenise: ids + loss masks
     meditron-plan    --config configs/sft_meditron_7b.py      # memory, no GPU
-    meditron-train   --config configs/sft_meditron_7b.py --workdir /checkpoints/runs/meditron-7b-sft
+    meditron-train   --config configs/sft_meditron_7b.py \
+                     --workdir /checkpoints/runs/meditron-7b-sft
 
 Recipe (the MEDITRON paper's finetuning): AdamW (0.9, 0.95, eps 1e-5), lr 2e-5 with 10% linear
 warmup and cosine decay to 10% (2e-6), weight decay 0.1, clipping 1.0, global batch 64 sequences,

@@ -83,8 +83,7 @@ def test_mask_is_exactly_the_assistant_contents_and_their_end_markers(prepared):
     for (start, end), content in zip(learned, ('Paracetamol, 1 g.', '15 mg/kg, every 6 hours.')):
         assert ids_N[end - 1] == im_end                         # the end marker is learned ...
         assert tok.decode(ids_N[start:end - 1]) == content       # ... and all of the content
-        assert tok.decode(ids_N[:start]).endswith(f'{chat.IM_START}assistant\n') or \
-            tok.decode(ids_N[:start]).endswith('assistant\n')   # ... but not its header
+        assert tok.decode(ids_N[:start]).endswith(f'{chat.IM_START}assistant\n')  # not it
         assert im_start not in ids_N[start:end]
     # Everything else (BOS, system, user, headers, newlines, the user's end markers) is 0.
     assert mask_N.sum() == sum(e - s for s, e in learned)
