@@ -11,11 +11,12 @@ From a debug pretraining run (pretrain -> finetune: its tokenizer gains <|im_sta
     meditron-train --config configs/sft_debug.py:runs/debug --workdir runs/sft_debug_from_debug
 
 The chat set (meditron_jax/data/sft/medical_qa.jsonl) is 40 short question/answer conversations
-written for the project; about 10% are held out for validation. The loss is on the assistant
-turns only. Expect (2 CPU cores) about 2 minutes for 60 epochs (the steps are printed at start):
-the training loss falls from ln(vocab) (6.2) to below 0.1, i.e. the answers are memorised, while
-the validation loss (unseen questions) stays high; `meditron_jax.load(workdir).complete(...)` on
-a training question returns its answer.
+written for the project; 2 are held out for validation. The loss is on the assistant turns only.
+Measured on 2 shared CPU cores: from random weights 92 steps (60 epochs) in about 1 minute, the
+training loss falls from 6.2 to 0.05; from a 40-step debug pretraining run 86 steps, 6.0 -> 0.04.
+The validation loss (unseen questions) stays high (5-7). Greedy decoding of the 34 single-question
+training prompts (chat.wrap_prompt) reproduced all 34 training answers in both cases, which is
+what `meditron_jax.load(workdir).complete(...)` should return.
 """
 
 import os
