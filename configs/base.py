@@ -51,6 +51,8 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict()
     c.data.sources = []             # list of source(...) dicts; weights are token shares
+    c.data.format = 'text'          # 'text' (pretraining) or 'chat' (conversations, loss on the
+                                    # assistant turns; see meditron_jax/data/chat_data.py)
     c.data.dir = ''                 # prepared shards + manifest.json; '' = <workdir>/data
     c.data.tokenizer = ''           # SentencePiece .model (Llama-2's in real runs)
     c.data.tokenizer_vocab_size = 0  # >0 and no tokenizer: train one on the corpus
@@ -78,6 +80,7 @@ def get_config() -> ml_collections.ConfigDict:
         lr_peak=3e-4,
         lr_min=3e-5,                # cosine floor (the paper: 10% of peak)
         warmup_steps=2000,
+        warmup_fraction=0.0,        # >0: warmup this share of the steps (not warmup_steps)
         decay_steps=0,              # cosine length after warmup; 0 = train.steps - warmup_steps
         b1=0.9,
         b2=0.95,
@@ -89,11 +92,12 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.train = ml_collections.ConfigDict(dict(
         steps=10000,
+        epochs=0.0,                 # >0: steps = epochs x prepared training tokens / batch tokens
         log_every=10,
         eval_every=500,
         eval_steps=20,              # validation batches per evaluation
         seed=0,
-        init_from='',               # params-only checkpoint (meditron-convert output) to start from
+        init_from='',               # params checkpoint (meditron-convert) or training workdir
         nonfinite='error',          # 'error': stop naming the step; 'skip': skip the update, count it
         peak_flops_per_device=989e12,  # dense bf16 peak for MFU (H100 SXM); A100: 312e12
     ))

@@ -15,8 +15,11 @@ import optax
 
 
 def lr_schedule(optim: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
-    """Linear warmup 0 -> lr_peak over warmup_steps, then cosine to lr_min over decay_steps."""
+    """Linear warmup 0 -> lr_peak over warmup_steps (or warmup_fraction of the steps), then
+    cosine to lr_min over decay_steps."""
     warmup = int(optim.warmup_steps)
+    if optim.warmup_fraction > 0:  # for runs whose length follows from the data (train.epochs)
+        warmup = int(round(float(optim.warmup_fraction) * total_steps))
     decay = int(optim.decay_steps) or max(total_steps - warmup, 1)
     if warmup < 0 or decay <= 0:
         raise ValueError(f'optim.warmup_steps={warmup} and decay_steps={decay}: expected '

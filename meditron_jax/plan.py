@@ -141,11 +141,11 @@ def _shard_bytes(tree) -> int:
 
 
 def _abstract_batch(config, mesh, rows: int):
-    from meditron_jax import sharding
+    from meditron_jax import sharding, train
     spec = sharding.batch_sharding(mesh)
     shape = (rows, int(config.data.seq_len) + 1)   # rows hold seq_len + 1 tokens (train.py)
     return {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=spec)
-            for k in ('tokens', 'segment_ids', 'positions')}
+            for k in train.BATCH_KEYS}
 
 
 def _compile_step(config, cfg, mesh, rows: int):

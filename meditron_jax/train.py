@@ -40,6 +40,10 @@ log = logging.getLogger(__name__)
 Array = jax.Array
 
 
+# A batch: int32 (rows, seq_len + 1) arrays; loss_mask is all ones for text (see data/loader.py).
+BATCH_KEYS = ('tokens', 'segment_ids', 'positions', 'loss_mask')
+
+
 class TrainState(flax.struct.PyTreeNode):
     step: Array
     params: Any
@@ -58,11 +62,13 @@ class NonFiniteError(FloatingPointError):
 def loss_terms(params, cfg: model.LlamaConfig, batch: dict) -> tuple[Array, Array]:
     """(summed next-token loss, number of predicted tokens) for one packed batch.
 
-    Rows hold seq_len + 1 tokens; a token is predicted only from the same document (segment).
+    Rows hold seq_len + 1 tokens; a token is predicted only from the same document (segment),
+    and counts where loss_mask is 1 (all of a text document, the assistant turns of a chat).
     """
     tokens, segments, positions = batch['tokens'], batch['segment_ids'], batch['positions']
     logits = model.forward(params, cfg, tokens[:, :-1], positions[:, :-1], segments[:, :-1])
-    weights = (segments[:, 1:] == segments[:, :-1]) & (segments[:, 1:] != 0)
+    same_document = (segments[:, 1:] == segments[:, :-1]) & (segments[:, 1:] != 0)
+    weights = same_document & (batch['loss_mask'][:, 1:] != 0)
     return model.cross_entropy(logits, tokens[:, 1:], weights)
 
 
@@ -161,7 +167,7 @@ def fresh_state(params, optimizer, shardings: TrainState) -> TrainState:
 def compile_steps(config, cfg, optimizer, schedule, shardings: TrainState, mesh):
     """The jitted train and eval steps, with explicit in/out shardings and a donated state."""
     batch_sharding = sharding.batch_sharding(mesh)
-    batch_shardings = {k: batch_sharding for k in ('tokens', 'segment_ids', 'positions')}
+    batch_shardings = {k: batch_sharding for k in BATCH_KEYS}
     step_fn = jax.jit(
         functools.partial(train_step, cfg=cfg, optimizer=optimizer, schedule=schedule,
                           grad_accum_steps=int(config.optim.grad_accum_steps)),
@@ -259,6 +265,22 @@ class _Preemption:
         return bool(np.any(flags_all))
 
 
+def steps_for(config: ml_collections.ConfigDict, manifest: dict) -> int:
+    """train.steps, or with train.epochs > 0 the steps that pass over the prepared training
+    tokens that many times: ceil(epochs x tokens / (global_batch_size x (seq_len + 1))). First-fit
+    packing pads rows, so chat runs see each conversation a little fewer times than this."""
+    epochs = float(config.train.epochs)
+    if epochs <= 0:
+        return int(config.train.steps)
+    tokens = int(manifest['totals']['train']['tokens'])
+    per_step = int(config.data.global_batch_size) * (int(config.data.seq_len) + 1)
+    steps = max(1, int(np.ceil(epochs * tokens / per_step)))
+    if jax.process_index() == 0:  # printed, not logged: the run's length is worth seeing
+        print(f'train.epochs={epochs:g} over {tokens} training tokens at {per_step} tokens a '
+              f'step: {steps} steps', file=sys.stderr)
+    return steps
+
+
 def _init_params(config, cfg, mesh):
     """Random params, or train.init_from's (see meditron_jax/init_from.py)."""
     if not config.train.init_from:
@@ -291,7 +313,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     if is_primary:  # cheap when prepared; refuses shards made with other cleaning options
         prepare.prepare(config.data, data_dir)
     multihost_utils.sync_global_devices('data prepared')
-    tokenizer_vocab = loader.open_prepared(config.data, data_dir)[0]['tokenizer']['vocab_size']
+    manifest = loader.open_prepared(config.data, data_dir)[0]
+    tokenizer_vocab = manifest['tokenizer']['vocab_size']
     if tokenizer_vocab > cfg.vocab_size:
         raise ValueError(f'the tokenizer in {data_dir} has {tokenizer_vocab} pieces but '
                          f'model.vocab_size={cfg.vocab_size}: raise model.vocab_size (a multiple '
@@ -302,7 +325,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
         process_index=jax.process_index(), process_count=jax.process_count())
 
     # 3. State: resume from the workdir, else init_from, else random.
-    steps = int(config.train.steps)
+    steps = steps_for(config, manifest)
     schedule = optim.lr_schedule(config.optim, steps)
     optimizer = optim.make_optimizer(config.optim, steps)
     abstract, shardings = abstract_state(cfg, optimizer, mesh)

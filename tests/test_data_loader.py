@@ -37,7 +37,8 @@ def test_batch_format_concat_packing():
     documents = {tuple(r) for name in ('guidelines', 'abstracts', 'replay')
                  for r in records(prepared_debug(), name, 'train')}
     for batch in _take(it, 20):
-        assert set(batch) == {'tokens', 'segment_ids', 'positions'}
+        assert set(batch) == {'tokens', 'segment_ids', 'positions', 'loss_mask'}
+        assert (batch['loss_mask'] == 1).all()   # text: every token is learned
         for v in batch.values():
             assert v.shape == (8, 257) and v.dtype == np.int32
         for r in range(8):

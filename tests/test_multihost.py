@@ -23,6 +23,8 @@ from meditron_jax import checkpoint, model, optim, sharding, train
 from meditron_jax.data import loader, prepare
 from meditron_jax.data import shards as shards_lib
 
+BATCH_KEYS = train.BATCH_KEYS
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 6
 
@@ -110,8 +112,8 @@ def owners_of_pieces(batches, docs, min_len=8):
 
 def load_local_batches(workdir, process):
     arrays = np.load(os.path.join(workdir, f'local_batches.process_{process}.npz'))
-    n = len(arrays.files) // 3
-    return [{k: arrays[f'{k}_{i}'] for k in ('tokens', 'segment_ids', 'positions')}
+    n = len(arrays.files) // len(BATCH_KEYS)
+    return [{k: arrays[f'{k}_{i}'] for k in BATCH_KEYS}
             for i in range(n)]
 
 
@@ -139,7 +141,7 @@ def test_two_processes_train_like_one_and_read_their_own_documents(data_dir, tmp
                                               process_count=2)
         for got in local_batches[p][:STEPS]:
             want = next(expected)
-            for key in ('tokens', 'segment_ids', 'positions'):
+            for key in BATCH_KEYS:
                 np.testing.assert_array_equal(got[key], want[key])
     # ... made of documents that only that process owns (found by content in the shards).
     docs = documents_by_shard(config, data_dir, 2)
@@ -150,7 +152,7 @@ def test_two_processes_train_like_one_and_read_their_own_documents(data_dir, tmp
 
     # The same global batches (process 0's rows, then process 1's) in one process on 8 devices.
     global_batches = [{k: np.concatenate([local_batches[0][i][k], local_batches[1][i][k]])
-                       for k in ('tokens', 'segment_ids', 'positions')} for i in range(STEPS)]
+                       for k in BATCH_KEYS} for i in range(STEPS)]
     losses, params = reference_run(config, global_batches)
     np.testing.assert_allclose([r['loss'] for r in rows if 'loss' in r], losses, rtol=2e-5)
 

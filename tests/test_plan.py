@@ -47,7 +47,7 @@ def test_param_and_optimizer_bytes_match_analytic_count(data, fsdp, tensor):
     # XLA's own view of the inputs: state (params, optimizer, int32 scalars) + the batch.
     inputs = p.param_bytes + p.opt_state_bytes + p.batch_bytes
     assert inputs <= p.xla_argument_bytes <= inputs + 64
-    assert p.batch_bytes == 3 * (8 // (data * fsdp)) * 65 * 4
+    assert p.batch_bytes == 4 * (8 // (data * fsdp)) * 65 * 4   # tokens, segments, positions, mask
     # The donated state is aliased to the output: the peak counts it once (plus scalars).
     assert p.xla_alias_bytes >= p.param_bytes + p.opt_state_bytes
     assert 0 <= p.peak_bytes - (inputs + p.xla_temp_bytes) <= 1024

@@ -27,7 +27,8 @@ def random_batch(seed=0, batch=8, length=33, vocab=256):
     positions = np.concatenate([np.arange(length // 2), np.arange(length - length // 2)])
     return dict(tokens=rng.integers(0, vocab, (batch, length)).astype(np.int32),
                 segment_ids=segments,
-                positions=np.tile(positions.astype(np.int32), (batch, 1)))
+                positions=np.tile(positions.astype(np.int32), (batch, 1)),
+                loss_mask=np.ones((batch, length), np.int32))
 
 
 def run_steps(config, batches, devices, grad_norms=None):

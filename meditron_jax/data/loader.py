@@ -9,10 +9,13 @@ mean document lengths. Documents are packed into rows of ``seq_len + 1`` tokens,
 documents, zero padding; longer ones truncated), and batched per process.
 
 A batch is a dict of int32 arrays of shape (global_batch_size // process_count, seq_len + 1):
-``tokens``; ``segment_ids``, 1, 2, ... for the documents of a row and 0 for padding; and
-``positions``, restarting at 0 where each document (or its continuation) starts. The model reads
-``tokens[:, :-1]`` and predicts ``tokens[:, 1:]`` where ``segment_ids[:, 1:] == segment_ids[:, :-1]
-!= 0``. The element order is a pure function of the seed and the number of batches taken; the
+``tokens``; ``segment_ids``, 1, 2, ... for the documents of a row and 0 for padding;
+``positions``, restarting at 0 where each document (or its continuation) starts; and
+``loss_mask``, 1 where a token is learned: everywhere for text, on the assistant turns for chat
+data (``data.format='chat'``, packed first-fit: conversations whole, a longer one truncated to a
+row; see chat_data.py). The model reads ``tokens[:, :-1]`` and predicts ``tokens[:, 1:]`` where
+``segment_ids[:, 1:] == segment_ids[:, :-1] != 0``, weighted by ``loss_mask[:, 1:]``. The element
+order is a pure function of the seed and the number of batches taken; the
 iterator's ``get_state()`` (or ``grain.checkpoint.CheckpointSave``) resumes it exactly.
 """
 
@@ -31,6 +34,7 @@ import numpy as np
 from grain.experimental import ConcatThenSplitIterDataset, FirstFitPackIterDataset
 
 from meditron_jax import sharding as sharding_lib
+from meditron_jax.data import chat_data
 from meditron_jax.data import shards as shards_lib
 from meditron_jax.data import tokenizer as tokenizer_lib
 from meditron_jax.data.sources import DataError, Source, parse_sources
@@ -44,17 +48,25 @@ READ_PREFETCH = 0
 
 
 class _Decode(grain.transforms.Map):
-    """Record bytes -> {'tokens': int32 ids} (plus per-token source ids for tests)."""
+    """Record bytes -> {'tokens': int32 ids} (+ 'loss_mask' for chat records, + per-token source
+    ids for tests)."""
 
-    def __init__(self, dtype: str, source_index: int | None = None):
+    def __init__(self, dtype: str, source_index: int | None = None, chat: bool = False):
+        self._dtype_name = dtype
         self._dtype = np.dtype(shards_lib.DTYPES[dtype]).newbyteorder('<')
         self._source_index = source_index
+        self._chat = chat
 
     def map(self, record: bytes) -> dict[str, np.ndarray]:
-        tokens = np.frombuffer(record, self._dtype).astype(np.int32)
-        if self._source_index is None:
-            return {'tokens': tokens}
-        return {'tokens': tokens, 'source_ids': np.full_like(tokens, self._source_index)}
+        if self._chat:
+            tokens, mask = chat_data.decode_record(record, self._dtype_name)
+            out = {'tokens': tokens, 'loss_mask': mask}
+        else:
+            tokens = np.frombuffer(record, self._dtype).astype(np.int32)
+            out = {'tokens': tokens}
+        if self._source_index is not None:
+            out['source_ids'] = np.full_like(tokens, self._source_index)
+        return out
 
 
 class _Truncate(grain.transforms.Map):
@@ -66,12 +78,15 @@ class _Truncate(grain.transforms.Map):
 
 
 class _Rename(grain.transforms.Map):
-    """Packer output names -> the batch contract (tokens, segment_ids, positions)."""
+    """Packer output names -> the batch contract (tokens, segment_ids, positions, loss_mask;
+    the mask is all ones for text, padding being excluded by its segment id 0)."""
 
     def map(self, row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = {'tokens': row['tokens'].astype(np.int32),
                'segment_ids': row['tokens_segment_ids'].astype(np.int32),
-               'positions': row['tokens_positions'].astype(np.int32)}
+               'positions': row['tokens_positions'].astype(np.int32),
+               'loss_mask': (row['loss_mask'].astype(np.int32) if 'loss_mask' in row
+                             else np.ones(row['tokens'].shape, np.int32))}
         if 'source_ids' in row:
             out['source_ids'] = row['source_ids'].astype(np.int32)
         return out
@@ -157,6 +172,18 @@ def open_prepared(data_cfg, data_dir: str) -> tuple[dict[str, Any], list[Source]
     return manifest, sources
 
 
+def is_chat(data_cfg, manifest) -> bool:
+    """Whether the prepared data is chat data (then packed first-fit, conversations whole)."""
+    chat = manifest.get('data_format', 'text') == 'chat'
+    if chat != (data_cfg.format == 'chat'):
+        raise DataError(f'data.format={data_cfg.format!r} but the prepared data is '
+                        f'{"chat" if chat else "text"}; re-run meditron-prepare --force')
+    if chat and data_cfg.packing != 'first_fit':
+        raise DataError(f'data.packing={data_cfg.packing!r}: chat data is packed whole, set '
+                        f'data.packing="first_fit"')
+    return chat
+
+
 def _check_batch(data_cfg, process_index: int, process_count: int) -> int:
     if not 0 <= process_index < process_count:
         raise DataError(f'process_index={process_index} with process_count={process_count}')
@@ -194,9 +221,10 @@ def _mix_rates(manifest, sources: list[Source], split: str) -> list[float]:
 
 
 def _pack_and_batch(ds: grain.IterDataset, data_cfg, local_batch: int, with_source_ids: bool,
-                    seed: int) -> grain.IterDataset:
+                    seed: int, chat: bool = False) -> grain.IterDataset:
     length = data_cfg.seq_len + 1
-    lengths = {'tokens': length, **({'source_ids': length} if with_source_ids else {})}
+    lengths = {'tokens': length, **({'source_ids': length} if with_source_ids else {}),
+               **({'loss_mask': length} if chat else {})}
     if data_cfg.packing == 'concat':
         ds = ConcatThenSplitIterDataset(ds, length_struct=lengths)
     else:
@@ -217,6 +245,7 @@ def train_dataset(data_cfg, data_dir: str, *, seed: int, process_index: int, pro
     per-token 'source_ids' feature (the source's index in data.sources), for measuring."""
     local_batch = _check_batch(data_cfg, process_index, process_count)
     manifest, sources = open_prepared(data_cfg, data_dir)
+    chat = is_chat(data_cfg, manifest)
     mixed, weighted = [], [(i, s) for i, s in enumerate(sources) if s.weight > 0]
     for i, source in weighted:
         docs = process_documents(data_dir, manifest, source, 'train', process_index,
@@ -227,11 +256,11 @@ def train_dataset(data_cfg, data_dir: str, *, seed: int, process_index: int, pro
                             f'but only {total} training documents; process {process_index} '
                             f'would get none')
         docs = _ShuffleRepeat(docs, _seed(seed, data_cfg.shuffle_seed, source.name))
-        mixed.append(docs.map(_Decode(manifest['dtype'], i if with_source_ids else None)))
+        mixed.append(docs.map(_Decode(manifest['dtype'], i if with_source_ids else None, chat)))
     rates = _mix_rates(manifest, [s for _, s in weighted], 'train')
     ds = grain.MapDataset.mix(mixed, rates) if len(mixed) > 1 else mixed[0]
     ds = _pack_and_batch(_to_iter(ds), data_cfg, local_batch, with_source_ids,
-                         _seed(seed, 'pack'))
+                         _seed(seed, 'pack'), chat)
     if data_cfg.worker_count > 0:
         from absl import flags
         # grain 0.2.18 reads an absl flag in mp_prefetch; unparsed flags raise (see STACK.md).
@@ -256,6 +285,7 @@ def make_eval_iterator(data_cfg, data_dir: str, *, process_index: int,
     that it never ends."""
     local_batch = _check_batch(data_cfg, process_index, process_count)
     manifest, sources = open_prepared(data_cfg, data_dir)
+    chat = is_chat(data_cfg, manifest)
     mixed, used = [], []
     for i, source in enumerate(sources):
         if source.weight <= 0:
@@ -263,7 +293,8 @@ def make_eval_iterator(data_cfg, data_dir: str, *, process_index: int,
         docs = process_documents(data_dir, manifest, source, 'validation', process_index,
                                  process_count)
         if len(docs):
-            mixed.append(docs.repeat(reseed_each_epoch=False).map(_Decode(manifest['dtype'])))
+            mixed.append(docs.repeat(reseed_each_epoch=False).map(
+                _Decode(manifest['dtype'], chat=chat)))
             used.append(source)
     if not mixed:
         raise DataError(f'{os.path.join(data_dir, shards_lib.MANIFEST)}: no validation documents '
@@ -271,7 +302,7 @@ def make_eval_iterator(data_cfg, data_dir: str, *, process_index: int,
                         f'{[s.name for s in sources if s.weight > 0]}; raise their val_fraction')
     rates = _mix_rates(manifest, used, 'validation')
     ds = grain.MapDataset.mix(mixed, rates) if len(mixed) > 1 else mixed[0]
-    return iter(_pack_and_batch(_to_iter(ds), data_cfg, local_batch, False, 0))
+    return iter(_pack_and_batch(_to_iter(ds), data_cfg, local_batch, False, 0, chat))
 
 
 def to_global_batch(local_batch: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh

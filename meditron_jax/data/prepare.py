@@ -4,6 +4,9 @@
     meditron-prepare --config CFG --shard 3/16      # one slice of the input files (SLURM array)
     meditron-prepare --config CFG --merge           # after all slices: exact dedup + manifest
 
+Chat (finetuning) data, ``data.format='chat'``, takes its own path (chat_data.py): no cleaning
+or deduplication, ids + loss mask per conversation, the same tokenizer, shards and manifest.
+
 Steps: read (sources.py) -> clean (clean.py) -> deduplicate -> split train/validation by a hash
 of each document -> tokenize -> shards + manifest.json (shards.py). Workers parse, clean, hash and
 tokenize fixed chunks of input lines; the main process takes their results in input order and
@@ -23,6 +26,7 @@ import socket
 import sys
 from typing import Any
 
+from meditron_jax.data import chat_data
 from meditron_jax.data import clean as clean_lib
 from meditron_jax.data import scan
 from meditron_jax.data import shards as shards_lib
@@ -60,7 +64,10 @@ def prepare_options(data_cfg) -> dict[str, Any]:
                         'SentencePiece .model or a vocabulary size to train one')
     if data_cfg.shard_max_tokens <= 0:
         raise DataError(f'data.shard_max_tokens={data_cfg.shard_max_tokens}: expected > 0')
-    return dict(
+    # Text options stay as they were (existing outputs remain valid); chat adds its own.
+    chat_options = (dict(data_format='chat', seq_len=int(data_cfg.seq_len))
+                    if chat_data.check_format(data_cfg) == 'chat' else {})
+    return dict(**chat_options,
         format=shards_lib.FORMAT_VERSION,
         sources=[dict(name=s.name, files=s.files, val_fraction=s.val_fraction,
                       text_key=s.text_key) for s in sources],
@@ -69,7 +76,7 @@ def prepare_options(data_cfg) -> dict[str, Any]:
         minhash_threshold=(float(data_cfg.minhash_threshold) if data_cfg.dedup == 'minhash'
                            else None),
         tokenizer=tokenizer,
-        special_tokens=list(data_cfg.special_tokens),
+        special_tokens=chat_data.special_tokens(data_cfg),
         token_dtype=data_cfg.token_dtype,
         shard_max_tokens=int(data_cfg.shard_max_tokens),
     )
@@ -163,6 +170,9 @@ def _tokenizer_info(path: str, source: str, source_sha256: str) -> dict[str, Any
 
 def _train_tokenizer(data_cfg, sources, files, workers: int, out_path: str) -> None:
     """Trains a tokenizer on the first TOKENIZER_TRAIN_CHARS of cleaned training text."""
+    if data_cfg.format == 'chat':
+        texts = chat_data.tokenizer_texts(files)
+        return _train_tokenizer_on(texts, data_cfg, sources, out_path)
     texts, chars = [], 0
 
     def sink(index, split, digest, text, num_tokens):
@@ -173,12 +183,16 @@ def _train_tokenizer(data_cfg, sources, files, workers: int, out_path: str) -> N
         return chars < TOKENIZER_TRAIN_CHARS
 
     scan.scan(sources, files, data_cfg, workers, None, None, 'none', sink, 'tokenizer text')
+    _train_tokenizer_on(texts, data_cfg, sources, out_path)
+
+
+def _train_tokenizer_on(texts: list[str], data_cfg, sources, out_path: str) -> None:
     if not texts:
         raise DataError(f'data.sources {[s.name for s in sources]}: no training text left '
                         f'after cleaning to train a tokenizer on')
     prefix = out_path[:-len('.model')] + '-training'
     trained = tokenizer_lib.train(texts, prefix, int(data_cfg.tokenizer_vocab_size),
-                                  list(data_cfg.special_tokens))
+                                  chat_data.special_tokens(data_cfg))
     os.replace(trained, out_path)
     os.remove(prefix + '.vocab')
 
@@ -187,7 +201,8 @@ def _setup_tokenizer(data_cfg, sources, files, workers: int, tmp: str) -> dict[s
     """Puts the tokenizer (given + special tokens, or trained) at tmp/tokenizer.model."""
     out = os.path.join(tmp, tokenizer_lib.FILENAME)
     if data_cfg.tokenizer:
-        tokenizer_lib.add_special_tokens(data_cfg.tokenizer, out, list(data_cfg.special_tokens))
+        tokenizer_lib.add_special_tokens(data_cfg.tokenizer, out,
+                                         chat_data.special_tokens(data_cfg))
         return _tokenizer_info(out, os.path.abspath(data_cfg.tokenizer),
                                tokenizer_lib.file_sha256(data_cfg.tokenizer))
     _train_tokenizer(data_cfg, sources, files, workers, out)
@@ -203,6 +218,9 @@ def _write_shards(data_cfg, sources, files, workers: int, tmp: str, keep_digests
                                                   keep_digests)
                for i, s in enumerate(sources) for split in shards_lib.SPLITS}
 
+    if data_cfg.format == 'chat':
+        return _write_chat_shards(data_cfg, sources, files, tmp, info, dtype, writers)
+
     def sink(index, split, digest, payload, num_tokens):
         writers[index, split].write(payload, num_tokens, digest)
 
@@ -212,6 +230,28 @@ def _write_shards(data_cfg, sources, files, workers: int, tmp: str, keep_digests
     return _manifest(sources, dtype, info, [
         dict(files=c.files, documents_in=c.documents_in, removed=c.removed()) for c in counts],
         splits)
+
+
+def _write_chat_shards(data_cfg, sources, files, tmp: str, info, dtype: str, writers
+                       ) -> dict[str, Any]:
+    row_tokens = int(data_cfg.seq_len) + 1
+
+    def sink(index, split, record, num_tokens):
+        writers[index, split].write(record, num_tokens)
+
+    counts = chat_data.scan(sources, files, os.path.join(tmp, tokenizer_lib.FILENAME), dtype,
+                            row_tokens, sink)
+    splits = {key: w.close() for key, w in writers.items()}
+    for (i, split), info_split in splits.items():
+        info_split.update(counts[i]['splits'][split])
+    manifest = _manifest(sources, dtype, info, [
+        dict(files=c['files'], documents_in=c['documents_in']) for c in counts], splits)
+    manifest.update(data_format='chat', row_tokens=row_tokens)
+    for split in shards_lib.SPLITS:
+        for key in ('loss_tokens', 'truncated'):
+            manifest['totals'][split][key] = sum(splits[i, split][key]
+                                                 for i in range(len(sources)))
+    return manifest
 
 
 def _manifest(sources, dtype, tokenizer_info, per_source, splits) -> dict[str, Any]:
@@ -270,6 +310,8 @@ def prepare(data_cfg, out_dir: str, *, force: bool = False) -> dict:
 
 def summary(manifest: dict) -> str:
     """A table of documents, tokens and removals per source."""
+    if manifest.get('data_format') == 'chat':
+        return chat_data.summary(manifest)
     rows = [f'{"source":<14}{"docs in":>9}{"removed":>9}{"train docs":>11}{"train tok":>11}'
             f'{"val docs":>9}{"val tok":>9}  removed by step']
     for name, s in manifest['sources'].items():
@@ -299,6 +341,9 @@ def _main(argv) -> None:
     if not out_dir:
         raise DataError('data.dir is empty and no --workdir: say where the shards go, '
                         'e.g. --config.data.dir=/path/to/data')
+    if data_cfg.format == 'chat' and (flag.tokenizer_only or flag.merge or flag.shard):
+        raise DataError('data.format="chat" is prepared in one pass: drop --shard, --merge '
+                        'and --tokenizer_only')
     if flag.tokenizer_only:
         print(slices.train_tokenizer_only(data_cfg, out_dir))
     elif flag.merge:

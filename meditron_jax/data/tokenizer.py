@@ -97,6 +97,17 @@ class Tokenizer:
             ids.append(self.eos_id)
         return out
 
+    def encode_with_offsets(self, text: str, bos: bool = True, eos: bool = False
+                            ) -> tuple[list[int], list[tuple[int, int]]]:
+        """encode() plus each id's (begin, end) byte span in ``text.encode('utf-8')``; BOS and
+        EOS get empty spans at the ends. The ids are exactly encode()'s."""
+        proto = self._sp.Encode(text, return_type='proto')
+        ids = [p.id for p in proto.pieces]
+        spans = [(p.begin, p.end) for p in proto.pieces]
+        end = len(text.encode('utf-8'))
+        return (([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else []),
+                ([(0, 0)] if bos else []) + spans + ([(end, end)] if eos else []))
+
     def decode(self, ids: Iterable[int]) -> str:
         """Text of the ids; BOS/EOS/padding are control pieces and decode to nothing."""
         return self._sp.DecodeIds([int(i) for i in ids])
