@@ -24,6 +24,7 @@ import sys
 from typing import Any
 
 from meditron_jax.data import clean as clean_lib
+from meditron_jax.data import decontaminate_io
 from meditron_jax.data import scan
 from meditron_jax.data import shards as shards_lib
 from meditron_jax.data import tokenizer as tokenizer_lib
@@ -68,6 +69,7 @@ def prepare_options(data_cfg) -> dict[str, Any]:
         special_tokens=list(data_cfg.special_tokens),
         token_dtype=data_cfg.token_dtype,
         shard_max_tokens=int(data_cfg.shard_max_tokens),
+        decontamination=decontaminate_io.options(data_cfg),   # None when off
     )
 
 
@@ -133,7 +135,7 @@ def _commit(tmp: str, out_dir: str, manifest_name: str) -> None:
     manifest = os.path.join(out_dir, manifest_name)
     if os.path.exists(manifest):
         os.remove(manifest)
-    for name in (shards_lib.SHARDS_DIR, tokenizer_lib.FILENAME):
+    for name in (shards_lib.SHARDS_DIR, tokenizer_lib.FILENAME, decontaminate_io.HITS_FILE):
         dst = os.path.join(out_dir, name)
         if os.path.isdir(dst):
             shutil.rmtree(dst)
@@ -187,6 +189,7 @@ def _setup_tokenizer(data_cfg, sources, files, workers: int, tmp: str) -> dict[s
 def _write_shards(data_cfg, sources, files, workers: int, tmp: str, keep_digests: bool,
                   desc: str) -> dict[str, Any]:
     """Tokenizer, then every document into its (source, split) shards; returns the manifest."""
+    decontam_index = decontaminate_io.write_index(data_cfg, tmp)   # first: bad files fail fast
     info = _setup_tokenizer(data_cfg, sources, files, workers, tmp)
     dtype = shards_lib.token_dtype(data_cfg.token_dtype, info['vocab_size'])
     writers = {(i, split): shards_lib.ShardWriter(tmp, s.name, split, data_cfg.shard_max_tokens,
@@ -197,11 +200,16 @@ def _write_shards(data_cfg, sources, files, workers: int, tmp: str, keep_digests
         writers[index, split].write(payload, num_tokens, digest)
 
     counts = scan.scan(sources, files, data_cfg, workers,
-                       os.path.join(tmp, tokenizer_lib.FILENAME), dtype, data_cfg.dedup, sink, desc)
+                       os.path.join(tmp, tokenizer_lib.FILENAME), dtype, data_cfg.dedup, sink, desc,
+                       decontam_index)
     splits = {key: w.close() for key, w in writers.items()}
-    return _manifest(sources, dtype, info, [
+    manifest = _manifest(sources, dtype, info, [
         dict(files=c.files, documents_in=c.documents_in, removed=c.removed()) for c in counts],
         splits)
+    if decontam_index:
+        manifest['decontamination'] = decontaminate_io.finish(data_cfg, sources, counts,
+                                                              decontam_index, tmp)
+    return manifest
 
 
 def _manifest(sources, dtype, tokenizer_info, per_source, splits) -> dict[str, Any]:
@@ -272,6 +280,7 @@ def summary(manifest: dict) -> str:
     tok = manifest['tokenizer']
     rows.append(f'tokenizer: {tok["source"]} ({tok["vocab_size"]} pieces, sha256 '
                 f'{tok["sha256"][:12]}), dtype {manifest["dtype"]}')
+    rows.extend(decontaminate_io.summary_lines(manifest))
     return '\n'.join(rows)
 
 
