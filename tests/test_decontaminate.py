@@ -8,6 +8,7 @@ loaders read (MedQA JSONL, a PubMedQA directory, an MMLU data directory).
 import csv
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -141,6 +142,8 @@ def dropped(setup):
 
 def test_normalise_and_ngram_hashes():
     assert dc.normalise('Hello,  WORLD!\nIt\u2019s  ﬁne') == ['hello', 'world', 'it', 's', 'fine']
+    ascii_text = 'A_b-C d\te9\x01(F)G.h\n' + ''.join(map(chr, range(128)))
+    assert dc.normalise(ascii_text) == re.findall(r'\w+', ascii_text.casefold())  # fast path
     a = dc.normalise(MEDQA[0]['question'])
     b = dc.normalise(_question_restyled())
     assert a == b and len(a) > 13
@@ -150,6 +153,8 @@ def test_normalise_and_ngram_hashes():
     length, short = dc.item_ngrams(['which', 'virus'], 13)
     assert length == 2 and len(short) == 1                  # shorter than n: one whole-item hash
     assert dc.item_ngrams([], 13)[1].size == 0
+    index = dc.build_index([('medqa', [loaders.Item('q1', MEDQA[0]['question'], {}, 'A')])], 13)
+    assert np.array_equal(index.keys[13], np.sort(ha)) and set(index.owners[13]) == {0}
 
 
 def test_planted_copies_removed_near_miss_kept(setup, dropped):
