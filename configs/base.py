@@ -60,8 +60,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.minhash_threshold = 0.8  # Jaccard similarity above which documents are duplicates
     # Benchmark decontamination (meditron_jax/data/decontaminate.py): training documents that
     # share a word n-gram with a benchmark item are dropped (or have those words cut out).
-    c.data.decontaminate = []       # dict(benchmark=NAME, data=PATH) as meditron-eval reads them
-                                    # (medqa, medqa4, medmcqa, pubmedqa, mmlu_medical); [] = off
+    c.data.decontaminate = ()       # dict(benchmark=NAME, data=PATH)s as meditron-eval reads them
+                                    # (medqa, medqa4, medmcqa, pubmedqa, mmlu_medical); () = off
     c.data.decontaminate_ngram = 13  # words per n-gram (GPT-3 / PaLM); shorter items match whole
     c.data.decontaminate_mode = 'drop'  # 'drop' the document, or 'cut' the overlapping words
     c.data.prepare_workers = 0      # processes for meditron-prepare; 0 = all cores

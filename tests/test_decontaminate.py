@@ -9,16 +9,19 @@ import csv
 import json
 import os
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from configs import base
 from meditron_jax.data import decontaminate as dc
-from meditron_jax.data import decontaminate_io, prepare, shards, slices, sources, tokenizer
+from meditron_jax.data import decontaminate_io, prepare, shards, sources, tokenizer
 from meditron_jax.evaluate import loaders
 from tests.data_helpers import all_files, data_config, doc_text, records, write_jsonl
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MEDQA = [
     dict(question='A 52-year-old gardener notices a slowly enlarging violet nodule on the back '
                   'of her left hand three weeks after pruning rose bushes without gloves, and new '
@@ -188,16 +191,35 @@ def test_counts_and_hits_file(setup, dropped):
     assert 'decontamination (13-grams, drop): 3 documents removed' in prepare.summary(manifest)
 
 
+CONFIG = """from configs import base
+def get_config():
+    c = base.get_config()
+    c.data.sources = {sources!r}
+    c.data.tokenizer = {tokenizer!r}
+    c.data.clean.min_chars = 50
+    c.data.prepare_workers = 1
+    return c
+"""
+
+
 def test_same_result_with_2_workers_and_a_2_slice_job(setup, dropped):
     cfg, out, manifest = dropped
     two = os.path.join(setup[0], 'drop-2')
     prepare.prepare(_cfg(setup, prepare_workers=2), two)
     assert all_files(two) == all_files(out)
+    # the job array as the README runs it: a config file, the benchmarks on the command line
+    config = os.path.join(setup[0], 'config.py')
+    with open(config, 'w') as f:
+        f.write(CONFIG.format(sources=setup[2], tokenizer=cfg.tokenizer))
     sliced = os.path.join(setup[0], 'sliced')
-    for i in range(2):
-        part = slices.prepare_slice(cfg, sliced, i, 2)
-        assert part['decontamination']['options'] == manifest['decontamination']['options']
-    merged = slices.merge(cfg, sliced)
+    cmd = [sys.executable, '-m', 'meditron_jax.data.prepare', f'--config={config}',
+           f'--config.data.dir={sliced}',
+           f'--config.data.decontaminate={tuple(setup[1])!r}']
+    for step in (['--shard', '0/2'], ['--shard', '1/2'], ['--merge']):
+        done = subprocess.run(cmd + step, cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+    assert 'decontamination (13-grams, drop): 3 documents removed' in done.stderr
+    merged = shards.read_manifest(sliced)
     assert merged['decontamination'] == manifest['decontamination']
     assert _hits(sliced) == _hits(out)
     for name in ('web', 'pubmed'):
