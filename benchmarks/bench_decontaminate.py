@@ -173,8 +173,8 @@ def main() -> None:
     section = on[0]['manifest']['decontamination']
     docs = sum(s['documents_in'] for s in off[0]['manifest']['sources'].values())
     print(f'corpus: {docs} documents, {tokens_off} tokens kept without decontamination, '
-          f'{tokens_on} with; benchmarks: {len(index.items)} items, {ngrams} distinct '
-          f'(n-gram, item) pairs, {len(index.vocab)} words; index build (read + hash the '
+          f'{tokens_on} with; benchmarks: {len(index.items)} items, {ngrams} '
+          f'(n-gram, item) entries, {len(index.vocab)} words; index build (read + hash the '
           f'benchmarks, once per run) {build_s:.2f} s wall, {build_cpu:.2f} CPU-s')
     print(f'hits: {section["hits"]}, documents removed: '
           f'{sum(s["documents_removed"] for s in section["sources"].values())}, items found: '

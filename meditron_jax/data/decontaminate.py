@@ -101,7 +101,7 @@ class Index:
     def bloom(self) -> np.ndarray:
         """A filter on the low bits of every indexed hash: False = certainly not indexed."""
         total = sum(len(k) for k in self.keys.values())
-        bits = max(16, int(total * BLOOM_BITS_PER_KEY).bit_length())
+        bits = min(28, max(16, int(total * BLOOM_BITS_PER_KEY).bit_length()))  # <= 256 MiB
         out = np.zeros(1 << bits, bool)
         for keys in self.keys.values():
             out[keys & np.uint64((1 << bits) - 1)] = True

@@ -31,7 +31,11 @@ SINGLE_FILE = ('medqa', 'medqa4', 'medmcqa')
 def _loaders():
     # meditron-eval's loaders (the benchmark names and file layouts it reads), imported only
     # when decontamination is asked for: plain preparation does not need the evaluate package.
-    from meditron_jax.evaluate import loaders
+    try:
+        from meditron_jax.evaluate import loaders
+    except ImportError as e:
+        raise DataError(f'data.decontaminate needs meditron-eval\'s loaders '
+                        f'(meditron_jax.evaluate): {e}') from None
     return loaders
 
 
