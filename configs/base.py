@@ -66,6 +66,12 @@ def get_config() -> ml_collections.ConfigDict:
     ))
     c.data.dedup = 'exact'          # 'exact' (normalised-text hash), 'minhash' (near dup), 'none'
     c.data.minhash_threshold = 0.8  # Jaccard similarity above which documents are duplicates
+    # Benchmark decontamination (meditron_jax/data/decontaminate.py): training documents that
+    # share a word n-gram with a benchmark item are dropped (or have those words cut out).
+    c.data.decontaminate = ()       # dict(benchmark=NAME, data=PATH)s as meditron-eval reads them
+                                    # (medqa, medqa4, medmcqa, pubmedqa, mmlu_medical); () = off
+    c.data.decontaminate_ngram = 13  # words per n-gram (GPT-3 / PaLM); shorter items match whole
+    c.data.decontaminate_mode = 'drop'  # 'drop' the document, or 'cut' the overlapping words
     c.data.prepare_workers = 0      # processes for meditron-prepare; 0 = all cores
     c.data.token_dtype = 'auto'     # shard token ids: 'auto' (uint16 if the vocab fits), 'uint16', 'uint32'
     c.data.shard_max_tokens = 100_000_000  # tokens per ArrayRecord shard before starting another

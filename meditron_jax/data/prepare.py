@@ -28,6 +28,7 @@ from typing import Any
 
 from meditron_jax.data import chat_data
 from meditron_jax.data import clean as clean_lib
+from meditron_jax.data import decontaminate_io
 from meditron_jax.data import scan
 from meditron_jax.data import shards as shards_lib
 from meditron_jax.data import tokenizer as tokenizer_lib
@@ -64,6 +65,10 @@ def prepare_options(data_cfg) -> dict[str, Any]:
                         'SentencePiece .model or a vocabulary size to train one')
     if data_cfg.shard_max_tokens <= 0:
         raise DataError(f'data.shard_max_tokens={data_cfg.shard_max_tokens}: expected > 0')
+    if chat_data.check_format(data_cfg) == 'chat' and data_cfg.decontaminate:
+        raise DataError('data.decontaminate filters pretraining text; it is not applied to '
+                        'data.format="chat" (finetuning data built from benchmarks\' train '
+                        'splits): leave data.decontaminate empty for chat data')
     # Text options stay as they were (existing outputs remain valid); chat adds its own.
     chat_options = (dict(data_format='chat', seq_len=int(data_cfg.seq_len))
                     if chat_data.check_format(data_cfg) == 'chat' else {})
@@ -79,6 +84,7 @@ def prepare_options(data_cfg) -> dict[str, Any]:
         special_tokens=chat_data.special_tokens(data_cfg),
         token_dtype=data_cfg.token_dtype,
         shard_max_tokens=int(data_cfg.shard_max_tokens),
+        decontamination=decontaminate_io.options(data_cfg),   # None when off
     )
 
 
@@ -150,7 +156,7 @@ def _commit(tmp: str, out_dir: str, manifest_name: str) -> None:
     manifest = os.path.join(out_dir, manifest_name)
     if os.path.exists(manifest):
         os.remove(manifest)
-    for name in (shards_lib.SHARDS_DIR, tokenizer_lib.FILENAME):
+    for name in (shards_lib.SHARDS_DIR, tokenizer_lib.FILENAME, decontaminate_io.HITS_FILE):
         dst = os.path.join(out_dir, name)
         if os.path.isdir(dst):
             shutil.rmtree(dst)
@@ -212,6 +218,7 @@ def _setup_tokenizer(data_cfg, sources, files, workers: int, tmp: str) -> dict[s
 def _write_shards(data_cfg, sources, files, workers: int, tmp: str, keep_digests: bool,
                   desc: str) -> dict[str, Any]:
     """Tokenizer, then every document into its (source, split) shards; returns the manifest."""
+    decontam_index = decontaminate_io.write_index(data_cfg, tmp)   # first: bad files fail fast
     info = _setup_tokenizer(data_cfg, sources, files, workers, tmp)
     dtype = shards_lib.token_dtype(data_cfg.token_dtype, info['vocab_size'])
     writers = {(i, split): shards_lib.ShardWriter(tmp, s.name, split, data_cfg.shard_max_tokens,
@@ -225,11 +232,16 @@ def _write_shards(data_cfg, sources, files, workers: int, tmp: str, keep_digests
         writers[index, split].write(payload, num_tokens, digest)
 
     counts = scan.scan(sources, files, data_cfg, workers,
-                       os.path.join(tmp, tokenizer_lib.FILENAME), dtype, data_cfg.dedup, sink, desc)
+                       os.path.join(tmp, tokenizer_lib.FILENAME), dtype, data_cfg.dedup, sink, desc,
+                       decontam_index)
     splits = {key: w.close() for key, w in writers.items()}
-    return _manifest(sources, dtype, info, [
+    manifest = _manifest(sources, dtype, info, [
         dict(files=c.files, documents_in=c.documents_in, removed=c.removed()) for c in counts],
         splits)
+    if decontam_index:
+        manifest['decontamination'] = decontaminate_io.finish(data_cfg, sources, counts,
+                                                              decontam_index, tmp)
+    return manifest
 
 
 def _write_chat_shards(data_cfg, sources, files, tmp: str, info, dtype: str, writers
@@ -324,6 +336,7 @@ def summary(manifest: dict) -> str:
     tok = manifest['tokenizer']
     rows.append(f'tokenizer: {tok["source"]} ({tok["vocab_size"]} pieces, sha256 '
                 f'{tok["sha256"][:12]}), dtype {manifest["dtype"]}')
+    rows.extend(decontaminate_io.summary_lines(manifest))
     return '\n'.join(rows)
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from meditron_jax.data import decontaminate_io
 from meditron_jax.data import shards as shards_lib
 from meditron_jax.data import tokenizer as tokenizer_lib
 from meditron_jax.data.prepare import (_check_matches, _finish, _make_tmp_dir, _manifest,
@@ -101,6 +102,9 @@ def merge(data_cfg, out_dir: str, *, force: bool = False) -> dict:
                     os.path.join(tmp, tokenizer_lib.FILENAME))
         manifest = _merge_into(tmp, sources, dirs, slices, data_cfg.shard_max_tokens)
         manifest['tokenizer'] = slices[0]['tokenizer']
+        decontamination = decontaminate_io.merge(data_cfg, sources, dirs, slices, tmp)
+        if decontamination:
+            manifest['decontamination'] = decontamination
         manifest = _finish(manifest, options, tmp, out_dir, shards_lib.MANIFEST, sources)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

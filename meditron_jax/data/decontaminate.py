@@ -1,0 +1,284 @@
+"""Benchmark decontamination: training documents that hold benchmark n-grams are dropped or cut.
+
+Both sides are normalised the same way (NFKC, case-folded, word tokens: punctuation and
+whitespace do not count). Each word gets a 64-bit hash (blake2b) and each run of n words a 64-bit
+polynomial hash of its word hashes, finished with a bit mixer. An item's text is what a model
+sees of it: PubMedQA's abstract, the question and the options' texts. An item of fewer than n
+words is matched whole (its one window of all its words).
+
+The index is built once (``build_index``) from the benchmark files read by meditron-eval's
+loaders; prepare saves it next to its temp output and every worker (and every --shard slice,
+which rebuilds it from the same files, pinned by sha256 in the options) matches documents
+against the same set. A document matches when any of its windows does; ``drop`` removes it,
+``cut`` removes the matching words (and the punctuation up to the next word) and keeps the
+rest, unless what is left is under ``clean.min_chars``.
+
+The pipeline's side (config checks, the index file, decontamination.jsonl and the manifest
+section) is in decontaminate_io.py; this file holds the pure functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import re
+import unicodedata
+from collections.abc import Sequence
+from itertools import repeat
+from typing import Any
+
+import numpy as np
+
+MODES = ('drop', 'cut')
+_WORD = re.compile(r'\w+')
+# ASCII text (nearly all of it) takes a faster path with the same result: lower case, and every
+# character that \w does not match becomes a space (str.translate has a fast ASCII mode).
+_ASCII_WORDS = {c: (chr(c).lower() if chr(c).isalnum() or chr(c) == '_' else ' ')
+                for c in range(128)}
+BLOOM_BITS_PER_KEY = 16    # filter slots per indexed hash: ~6% of windows reach the binary search
+_AFTER_SPAN = re.compile(r'[^\w\s]*\s*')     # punctuation then spaces after a cut span
+_MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)   # odd: multiplying by it is a bijection mod 2^64
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)       # splitmix64's finaliser
+_MIX2 = np.uint64(0x94D049BB133111EB)
+
+
+def normalise(text: str) -> list[str]:
+    """The words matching is done on: NFKC, case-folded, punctuation and spacing dropped."""
+    if text.isascii():
+        return text.translate(_ASCII_WORDS).split()
+    return _WORD.findall(unicodedata.normalize('NFKC', text).casefold())
+
+
+def item_text(item: Any) -> str:
+    """Everything a model sees of a benchmark item (a meditron-eval ``Item``)."""
+    parts = [item.context or '', item.question, *item.options.values()]
+    return '\n'.join(p for p in parts if p)
+
+
+def word_hash(word: str) -> int:
+    """A word's 64-bit hash; never 0 (0 marks a word that no benchmark holds)."""
+    return int.from_bytes(hashlib.blake2b(word.encode('utf-8'), digest_size=8).digest(),
+                          'little') or 1
+
+
+def window_hashes(word_hashes: np.ndarray, length: int) -> np.ndarray:
+    """The 64-bit hash of every run of ``length`` consecutive words (uint64, one per start)."""
+    count = len(word_hashes) - length + 1
+    if count <= 0 or length <= 0:
+        return np.zeros(0, np.uint64)
+    acc = word_hashes[:count].copy()
+    for j in range(1, length):          # sum of h[i + j] * M^(length - 1 - j), mod 2^64
+        acc *= _MULTIPLIER
+        acc += word_hashes[j:j + count]
+    acc += np.uint64(length)            # runs of different lengths hash apart
+    acc ^= acc >> np.uint64(30)
+    acc *= _MIX1
+    acc ^= acc >> np.uint64(27)
+    acc *= _MIX2
+    acc ^= acc >> np.uint64(31)
+    return acc
+
+
+def item_ngrams(words: Sequence[str], n: int) -> tuple[int, np.ndarray]:
+    """(window length, hashes) of an item: its n-grams, or one hash of all its words when it
+    has fewer than n (an empty item has none). build_index computes the same values in bulk."""
+    length = min(n, len(words))
+    hashes = np.array([word_hash(w) for w in words], dtype=np.uint64)
+    return length, window_hashes(hashes, length)
+
+
+@dataclasses.dataclass
+class Index:
+    """Benchmark n-grams: per window length, sorted hashes and the item each came from."""
+    ngram: int
+    vocab: dict[str, int]                          # every benchmark word -> its hash
+    keys: dict[int, np.ndarray]                    # window length -> sorted uint64 hashes
+    owners: dict[int, np.ndarray]                  # window length -> int32 item number
+    items: list[tuple[str, str]]                   # item number -> (benchmark, item id)
+
+    @functools.cached_property
+    def bloom(self) -> np.ndarray:
+        """A filter on the low bits of every indexed hash: False = certainly not indexed."""
+        total = sum(len(k) for k in self.keys.values())
+        bits = min(28, max(16, int(total * BLOOM_BITS_PER_KEY).bit_length()))  # <= 256 MiB
+        out = np.zeros(1 << bits, bool)
+        for keys in self.keys.values():
+            out[keys & np.uint64((1 << bits) - 1)] = True
+        return out
+
+    def items_per_benchmark(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for benchmark, _ in self.items:
+            out[benchmark] = out.get(benchmark, 0) + 1
+        return out
+
+
+def build_index(benchmarks: Sequence[tuple[str, Sequence[Any]]], n: int) -> Index:
+    """The index of every item of every (benchmark name, items) pair.
+
+    Items of n words or more go through one vectorised pass, laid end to end like documents in
+    ``match`` (a 0 between items, so no window spans two); shorter ones get one hash each.
+    """
+    vocab: dict[str, int] = {}
+    items, flat, flat_items, flat_lengths = [], [], [], []
+    keys: dict[int, list] = {}
+    owners: dict[int, list] = {}
+    for name, bench_items in benchmarks:
+        for item in bench_items:
+            number = len(items)
+            items.append((name, str(item.id)))
+            words = normalise(item_text(item))
+            if len(words) >= n:
+                flat.extend(words)
+                flat.append('')
+                flat_items.append(number)
+                flat_lengths.append(len(words) + 1)
+            elif words:
+                vocab.update((w, word_hash(w)) for w in words if w not in vocab)
+                _, hashes = item_ngrams(words, n)
+                keys.setdefault(len(words), []).append(hashes)
+                owners.setdefault(len(words), []).append(np.full(1, number, np.int32))
+    vocab.update((w, word_hash(w)) for w in set(flat) - vocab.keys() if w)
+    if flat:
+        hashes = np.fromiter(map(vocab.get, flat, repeat(0)), np.uint64, len(flat))
+        windows = window_hashes(hashes, n)
+        unknown = np.concatenate([[0], np.cumsum(hashes == 0)])
+        whole = unknown[n:n + len(windows)] == unknown[:len(windows)]   # no boundary inside
+        keys.setdefault(n, []).append(windows[whole])
+        owner_of_word = np.repeat(np.asarray(flat_items, np.int32), flat_lengths)
+        owners.setdefault(n, []).append(owner_of_word[:len(windows)][whole])
+    index = Index(n, vocab, {}, {}, items)
+    for length in sorted(keys):
+        k, o = np.concatenate(keys[length]), np.concatenate(owners[length])
+        order = np.argsort(k)          # an n-gram repeated in one item stays listed twice
+        index.keys[length], index.owners[length] = k[order], o[order]
+    return index
+
+
+@dataclasses.dataclass
+class Match:
+    """What a document shares with the benchmarks."""
+    items: list[int]                     # item numbers (Index.items), ascending
+    spans: list[tuple[int, int]]         # merged [first word, end word) ranges of its normalise()
+
+
+def match(texts: Sequence[str], index: Index) -> list[Match | None]:
+    """For each document, its Match, or None when it holds no benchmark window.
+
+    All documents go through one vectorised pass: their word hashes are laid end to end with a
+    0 between documents, and a window holding a 0 (a word no benchmark has, or a boundary) can
+    not match.
+    """
+    words: list[str] = []
+    starts = []
+    for text in texts:
+        starts.append(len(words))
+        words.extend(normalise(text))
+        words.append('')                               # '' is in no vocab: hash 0
+    found: list[tuple[set, list]] = [(set(), []) for _ in texts]
+    if not texts:
+        return []
+    hashes = np.fromiter(map(index.vocab.get, words, repeat(0)), np.uint64, len(words))
+    unknown = np.concatenate([[0], np.cumsum(hashes == 0)])
+    starts_array = np.asarray(starts)
+    bloom = index.bloom
+    mask = np.uint64(len(bloom) - 1)
+    for length, keys in index.keys.items():
+        windows = window_hashes(hashes, length)
+        count = len(windows)
+        candidates = np.flatnonzero((unknown[length:length + count] == unknown[:count]) &
+                                    bloom[windows & mask])
+        if not len(candidates):
+            continue
+        where = np.searchsorted(keys, windows[candidates])
+        hit = keys[np.minimum(where, len(keys) - 1)] == windows[candidates]
+        for start, lo in zip(candidates[hit].tolist(), where[hit].tolist()):
+            hi = np.searchsorted(keys, keys[lo], side='right')
+            doc = int(np.searchsorted(starts_array, start, side='right')) - 1
+            first = start - starts[doc]
+            found[doc][0].update(index.owners[length][lo:hi].tolist())
+            found[doc][1].append((first, first + length))
+    return [Match(sorted(items), merge_spans(spans)) if items else None
+            for items, spans in found]
+
+
+def merge_spans(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Overlapping or touching [start, end) ranges joined, in order."""
+    out: list[list[int]] = []
+    for start, end in sorted(spans):
+        if out and start <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], end)
+        else:
+            out.append([start, end])
+    return [(s, e) for s, e in out]
+
+
+def word_offsets(text: str) -> list[tuple[str, int, int]] | None:
+    """(normalised word, start, end in ``text``) for each word of normalise(text); None in the
+    rare case where normalising the whole text splits words differently than word by word."""
+    out = [(w, m.start(), m.end()) for m in _WORD.finditer(text)
+           for w in normalise(m.group())]
+    if [w for w, _, _ in out] != normalise(text):
+        return None
+    return out
+
+
+def cut(text: str, spans: Sequence[tuple[int, int]]) -> str | None:
+    """``text`` without the words of ``spans`` (ranges of normalise(text)), nor the punctuation
+    and spaces that follow each up to the next word. None when the words cannot be located
+    (the caller then drops the document)."""
+    offsets = word_offsets(text)
+    if offsets is None:
+        return None
+    pieces, pos = [], 0
+    for first, end in spans:
+        start = offsets[first][1]
+        stop = _AFTER_SPAN.match(text, offsets[end - 1][2]).end()
+        pieces.append(text[pos:start])
+        pos = max(pos, stop)
+    pieces.append(text[pos:])
+    return ''.join(pieces).strip()
+
+
+@dataclasses.dataclass
+class Counts:
+    """What decontamination did to one source (summed over chunks)."""
+    documents_removed: int = 0       # dropped ('drop'), or left under clean.min_chars ('cut')
+    documents_cut: int = 0           # kept with spans cut out ('cut')
+    spans_cut: int = 0
+    words_cut: int = 0
+    hits: list = dataclasses.field(default_factory=list)  # (document id, file, line, bench, item)
+
+    def add(self, other: 'Counts') -> None:
+        for f in dataclasses.fields(self):
+            if f.name != 'hits':
+                setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+        self.hits.extend(other.hits)
+
+    def totals(self) -> dict[str, int]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name != 'hits'}
+
+
+def filter_documents(texts: Sequence[str], docs: Sequence[Any], index: Index, mode: str,
+                     min_chars: int, counts: Counts) -> list[str | None]:
+    """Each document's text after decontamination (None = dropped); hits go to ``counts``.
+    ``docs`` are the sources.Document each text came from (id, file, line)."""
+    out: list[str | None] = list(texts)
+    for i, found in enumerate(match(texts, index)):
+        if found is None:
+            continue
+        doc = docs[i]
+        counts.hits.extend((doc.doc_id, doc.path, doc.line, *index.items[item])
+                           for item in found.items)
+        text = cut(texts[i], found.spans) if mode == 'cut' else None
+        if text is None or len(text) < min_chars:
+            counts.documents_removed += 1
+            out[i] = None
+        else:
+            counts.documents_cut += 1
+            counts.spans_cut += len(found.spans)
+            counts.words_cut += sum(end - start for start, end in found.spans)
+            out[i] = text
+    return out
