@@ -147,7 +147,14 @@ checkpoint.save(manager, 1, params, opt_state, data, {'step': 1}, {})
 checkpoint.wait(manager)
 next(data)
 checkpoint.save(manager, 2, params, opt_state, data, {'step': 2}, {})
-os._exit(9)                                      # killed while step 2 is being written
+root = os.path.join(sys.argv[1], 'checkpoints')
+for _ in range(100000):                          # killed once step 2 is being written
+    names = os.listdir(root)
+    if '2' in names:
+        os._exit(3)                              # too late: the save completed
+    if any(n.startswith('2.') for n in names):
+        os._exit(9)
+os._exit(4)
 '''
 
 
@@ -156,7 +163,7 @@ def test_a_crash_mid_save_leaves_nothing_that_looks_complete(tmp_path):
     done = subprocess.run([sys.executable, '-c', CRASH_MID_SAVE, workdir], cwd=REPO,
                           env=dict(os.environ, JAX_PLATFORMS='cpu'), capture_output=True,
                           text=True, timeout=300)
-    assert done.returncode == 9, done.stderr[-3000:]
+    assert done.returncode == 9, (done.returncode, done.stderr[-3000:])
     names = os.listdir(os.path.join(workdir, 'checkpoints'))
     assert '1' in names and '2' not in names, names
     assert any(n.startswith('2.orbax-checkpoint-tmp') for n in names), \
