@@ -16,13 +16,14 @@ HIDDEN, LAYERS, HEADS, KV_HEADS, MLP = 64, 2, 8, 4, 128
 HEAD_DIM = HIDDEN // HEADS
 
 
-def hf_model(dtype=torch.float32, seed=0, vocab=VOCAB) -> transformers.LlamaForCausalLM:
-    """A random GQA Llama whose norm scales are random too (so misplaced norms show)."""
+def hf_model(dtype=torch.float32, seed=0, vocab=VOCAB, **config) -> transformers.LlamaForCausalLM:
+    """A random GQA Llama whose norm scales are random too (so misplaced norms show); ``config``
+    overrides LlamaConfig fields (shape, rope_theta, rms_norm_eps)."""
     torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(
+    cfg = transformers.LlamaConfig(**{**dict(
         vocab_size=vocab, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
         num_key_value_heads=KV_HEADS, intermediate_size=MLP, max_position_embeddings=64,
-        rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False)
+        rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False), **config})
     model = transformers.LlamaForCausalLM(cfg)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -68,36 +69,43 @@ def _meta_name(hf_name):
     return f'layers.{i}.{name}', dim
 
 
-def hf_rows_to_meta(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+def hf_rows_to_meta(w: torch.Tensor, n_heads: int, head_dim: int = HEAD_DIM) -> torch.Tensor:
     """Meta row h*H + 2j + c holds HF row h*H + c*H/2 + j (rotary pair j, component c)."""
-    half = HEAD_DIM // 2
-    src = [h * HEAD_DIM + c * half + j for h in range(n_heads) for j in range(half)
+    half = head_dim // 2
+    src = [h * head_dim + c * half + j for h in range(n_heads) for j in range(half)
            for c in range(2)]
     return w[src]
 
 
 def write_meta(model, directory: str, shards: int, extra=None) -> dict:
-    """consolidated.XX.pth (one per rank) + params.json, as Meta's release lays them out."""
+    """consolidated.XX.pth (one per rank) + params.json, as Meta's release lays them out (the
+    shape, norm_eps and a non-default rope_theta from the model's config)."""
+    c = model.config
+    heads, kv_heads = c.num_attention_heads, c.num_key_value_heads
+    head_dim = c.hidden_size // heads
     os.makedirs(directory, exist_ok=True)
     per_rank = [dict() for _ in range(shards)]
     for hf_name, w in model.state_dict().items():
         name, dim = _meta_name(hf_name)
         w = w.detach().clone()
         if hf_name.endswith('q_proj.weight'):
-            w = hf_rows_to_meta(w, HEADS)
+            w = hf_rows_to_meta(w, heads, head_dim)
         if hf_name.endswith('k_proj.weight'):
-            w = hf_rows_to_meta(w, KV_HEADS)
+            w = hf_rows_to_meta(w, kv_heads, head_dim)
         assert dim is None or w.shape[dim] % shards == 0, (name, w.shape, shards)
         parts = [w] * shards if dim is None else torch.chunk(w, shards, dim=dim)
         for r, part in enumerate(parts):
             per_rank[r][name] = part.clone().contiguous()
     for r, state in enumerate(per_rank):
-        state['rope.freqs'] = torch.ones(HEAD_DIM // 2)   # as in Meta's files; ignored
+        state['rope.freqs'] = torch.ones(head_dim // 2)   # as in Meta's files; ignored
         state.update(extra or {})
         torch.save(state, os.path.join(directory, f'consolidated.{r:02d}.pth'))
-    # 8 * 64 / 3 = 170 -> * 0.75 = 127 -> multiple of 128 = 128 = MLP
-    params = dict(dim=HIDDEN, n_layers=LAYERS, n_heads=HEADS, n_kv_heads=KV_HEADS,
-                  vocab_size=-1, multiple_of=128, ffn_dim_multiplier=0.75, norm_eps=1e-5)
+    # 8 * 64 / 3 = 170 -> * 0.75 = 127 -> multiple of 128 = 128 = MLP (dim 128: 256)
+    params = dict(dim=c.hidden_size, n_layers=c.num_hidden_layers, n_heads=heads,
+                  n_kv_heads=kv_heads, vocab_size=-1, multiple_of=128, ffn_dim_multiplier=0.75,
+                  norm_eps=c.rms_norm_eps)
+    if c.rope_parameters['rope_theta'] != 10000.0:   # as Llama 3's params.json
+        params['rope_theta'] = c.rope_parameters['rope_theta']
     with open(os.path.join(directory, 'params.json'), 'w') as f:
         json.dump(params, f)
     return params
