@@ -40,6 +40,26 @@ def gap_replay_sources(root: str) -> list[dict]:
     ]
 
 
+def sft_recipe(c: ml_collections.ConfigDict, files: str, data_dir: str, init_from: str,
+               grad_accum_steps: int) -> ml_collections.ConfigDict:
+    """MEDITRON's task-finetuning recipe on top of a pretraining config ``c``: chat data packed
+    first-fit, AdamW (0.9, 0.95, eps 1e-5), lr 2e-5 with 10% warmup and cosine decay to 10%,
+    weight decay 0.1, clipping 1.0, global batch 64, 3 epochs, from ``init_from``."""
+    c.data.format = 'chat'
+    c.data.packing = 'first_fit'
+    c.data.sources = [source('sft', files, weight=1.0, val_fraction=0.05)]
+    c.data.dir = data_dir
+    c.data.global_batch_size = 64
+    c.optim.update(dict(lr_peak=2e-5, lr_min=2e-6, warmup_steps=0, warmup_fraction=0.1,
+                        decay_steps=0, b1=0.9, b2=0.95, eps=1e-5, weight_decay=0.1,
+                        clip_norm=1.0, grad_accum_steps=grad_accum_steps))
+    c.train.epochs = 3.0
+    c.train.init_from = init_from
+    c.train.eval_steps = 10
+    c.checkpoint.keep = 2
+    return c
+
+
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
 

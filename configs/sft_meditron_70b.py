@@ -18,18 +18,9 @@ from configs import meditron_70b
 
 def get_config():
     c = meditron_70b.get_config()  # the model, numerics, mesh and tokenizer of the pretraining run
-    c.data.format = 'chat'
-    c.data.packing = 'first_fit'
-    c.data.sources = [base.source('sft', '/data/sft/*.jsonl', weight=1.0, val_fraction=0.05)]
-    c.data.dir = '/data/sft/prepared-70b'
-    c.data.global_batch_size = 64
-    c.optim.update(dict(lr_peak=2e-5, lr_min=2e-6, warmup_steps=0, warmup_fraction=0.1,
-                        decay_steps=0, b1=0.9, b2=0.95, eps=1e-5, weight_decay=0.1,
-                        clip_norm=1.0, grad_accum_steps=2))
-    c.train.epochs = 3.0
-    c.train.init_from = '/checkpoints/runs/meditron-70b'  # the continued-pretraining workdir
+    base.sft_recipe(c, '/data/sft/*.jsonl', '/data/sft/prepared-70b',
+                    init_from='/checkpoints/runs/meditron-70b',  # the continued-pretraining workdir
+                    grad_accum_steps=2)
     c.train.eval_every = 50
-    c.train.eval_steps = 10
     c.checkpoint.every = 100
-    c.checkpoint.keep = 2
     return c
