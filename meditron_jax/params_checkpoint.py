@@ -221,7 +221,9 @@ def load_params(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = None,
     try:
         with ocp.StandardCheckpointer() as ckptr:
             params = ckptr.restore(os.path.join(path, PARAMS_DIR), targets)
-    except (ValueError, OSError) as e:   # tensorstore's errors for unreadable or damaged files
+    # tensorstore raises ValueError/OSError for unreadable or damaged files, and orbax re-raises
+    # some of them (a chunk that no longer decompresses) as a bare Exception.
+    except Exception as e:  # noqa: BLE001
         raise ParamsCheckpointError(f'{path}: the params could not be read ({type(e).__name__}: '
                                     f'{str(e).splitlines()[0][:300] if str(e) else ""})') from e
     verify(path, read_metadata(path), params)

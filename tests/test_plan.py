@@ -67,7 +67,7 @@ def xla_gradient_bytes(config, devices):
     rows, length = int(config.data.global_batch_size), int(config.data.seq_len) + 1
     batch = {k: jax.ShapeDtypeStruct((rows, length), jax.numpy.int32,
                                      sharding=sharding.batch_sharding(mesh))
-             for k in ('tokens', 'segment_ids', 'positions')}
+             for k in train.BATCH_KEYS}
     grad = jax.jit(jax.grad(lambda p, b: train.loss_terms(p, cfg, b)[0]),
                    out_shardings=model.param_shardings(cfg, mesh))
     with jax.set_mesh(mesh):
