@@ -21,10 +21,9 @@ from tqdm import tqdm
 
 from meditron_jax.data import decontaminate_io
 from meditron_jax.data import shards as shards_lib
+from meditron_jax.data import steps
 from meditron_jax.data import tokenizer as tokenizer_lib
-from meditron_jax.data.prepare import (_check_matches, _finish, _make_tmp_dir, _manifest,
-                                       _num_workers, _train_tokenizer, _write_shards,
-                                       prepare_options, summary)
+from meditron_jax.data.steps import prepare_options, summary
 from meditron_jax.data.sources import DataError, parse_sources, resolve_files
 
 SLICES_DIR = 'slices'
@@ -59,16 +58,16 @@ def prepare_slice(data_cfg, out_dir: str, index: int, count: int, *,
     target = slice_dir(out_dir, index, count)
     existing = shards_lib.read_manifest(target, SLICE_MANIFEST)
     if existing is not None and not force:
-        _check_matches(existing, options, data_cfg, target)
+        steps.check_matches(existing, options, data_cfg, target)
         return existing
     sources = parse_sources(data_cfg.sources)
     files = [resolve_files(s, i)[index::count] for i, s in enumerate(sources)]
-    tmp = _make_tmp_dir(out_dir)
+    tmp = steps.make_tmp_dir(out_dir)
     try:
-        manifest = _write_shards(data_cfg, sources, files, _num_workers(data_cfg), tmp,
-                                 keep_digests=True, desc=f'slice {index}/{count}')
+        manifest = steps.write_shards(data_cfg, sources, files, steps.num_workers(data_cfg),
+                                      tmp, keep_digests=True, desc=f'slice {index}/{count}')
         os.makedirs(target, exist_ok=True)
-        return _finish(manifest, options, tmp, target, SLICE_MANIFEST, None)
+        return steps.finish(manifest, options, tmp, target, SLICE_MANIFEST, None)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -78,7 +77,7 @@ def merge(data_cfg, out_dir: str, *, force: bool = False) -> dict:
     options = prepare_options(data_cfg)
     manifest = shards_lib.read_manifest(out_dir)
     if manifest is not None and not force:
-        _check_matches(manifest, options, data_cfg, out_dir)
+        steps.check_matches(manifest, options, data_cfg, out_dir)
         return manifest
     root = os.path.join(out_dir, SLICES_DIR)
     names = sorted(os.listdir(root)) if os.path.isdir(root) else []
@@ -94,9 +93,9 @@ def merge(data_cfg, out_dir: str, *, force: bool = False) -> dict:
                         f'meditron-prepare --shard i/{count} for each before --merge')
     slices = [shards_lib.read_manifest(d, SLICE_MANIFEST) for d in dirs]
     for d, s in zip(dirs, slices):
-        _check_matches(s, options, data_cfg, d)
+        steps.check_matches(s, options, data_cfg, d)
     sources = parse_sources(data_cfg.sources)
-    tmp = _make_tmp_dir(out_dir)
+    tmp = steps.make_tmp_dir(out_dir)
     try:
         shutil.copy(os.path.join(dirs[0], tokenizer_lib.FILENAME),
                     os.path.join(tmp, tokenizer_lib.FILENAME))
@@ -105,7 +104,7 @@ def merge(data_cfg, out_dir: str, *, force: bool = False) -> dict:
         decontamination = decontaminate_io.merge(data_cfg, sources, dirs, slices, tmp)
         if decontamination:
             manifest['decontamination'] = decontamination
-        manifest = _finish(manifest, options, tmp, out_dir, shards_lib.MANIFEST, sources)
+        manifest = steps.finish(manifest, options, tmp, out_dir, shards_lib.MANIFEST, sources)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(root)
@@ -145,7 +144,8 @@ def _merge_into(tmp: str, sources, dirs, slices, shard_max_tokens: int) -> dict[
                 files=sum(s['sources'][source.name]['files'] for s in slices),
                 documents_in=sum(s['sources'][source.name]['documents_in'] for s in slices),
                 removed=dict(removed)))
-    return _manifest(sources, slices[0]['dtype'], slices[0]['tokenizer'], per_source, splits)
+    return steps.build_manifest(sources, slices[0]['dtype'], slices[0]['tokenizer'], per_source,
+                                splits)
 
 
 def train_tokenizer_only(data_cfg, out_dir: str) -> str:
@@ -154,10 +154,10 @@ def train_tokenizer_only(data_cfg, out_dir: str) -> str:
     files = [resolve_files(s, i) for i, s in enumerate(sources)]
     if data_cfg.tokenizer_vocab_size <= 0:
         raise DataError('--tokenizer_only needs data.tokenizer_vocab_size > 0')
-    tmp = _make_tmp_dir(out_dir)
+    tmp = steps.make_tmp_dir(out_dir)
     try:
         path = os.path.join(tmp, 'trained-tokenizer.model')
-        _train_tokenizer(data_cfg, sources, files, _num_workers(data_cfg), path)
+        steps.train_tokenizer(data_cfg, sources, files, steps.num_workers(data_cfg), path)
         final = os.path.join(out_dir, 'trained-tokenizer.model')
         os.replace(path, final)
     finally:
