@@ -92,8 +92,8 @@ def naive_import(src: str, dst: str) -> None:
                 for i in range(cfg.num_layers)])
         else:
             flat[rule.leaf] = rule.to_ours(common.torch_to_numpy(state[rule.hf_name]), cfg)
-    ocp.StandardCheckpointer().save(os.path.join(dst, 'params'), pc._nest(flat))
-    pc._write_meta(dst, cfg, true_vocab, {})
+    ocp.StandardCheckpointer().save(os.path.join(dst, 'params'), pc.nest(flat))
+    pc.write_meta(dst, cfg, true_vocab, {}, {})   # no fingerprints: loads unchecked
 
 
 def naive_export(src: str, dst: str) -> None:
