@@ -3,7 +3,7 @@
     meditron-plan --config configs/meditron_70b.py [--num_devices 128] [--device_memory_gb 80]
                   [--mfu 0.4] [--config.data.global_batch_size=...]
 
-Compiles the real train step (``train.compile_steps``, the same function, shardings and donation
+Compiles the real train step (``step.compile_steps``, the same function, shardings and donation
 as ``meditron-train``) ahead of time for the config's full mesh on simulated CPU devices, from
 abstract (shape-only) inputs: nothing is allocated, so the 70B config plans on a laptop in under a
 minute. Prints per device: parameters, optimizer state, gradients, activations and temporaries,
@@ -141,21 +141,21 @@ def _shard_bytes(tree) -> int:
 
 
 def _abstract_batch(config, mesh, rows: int):
-    from meditron_jax import sharding, train
+    from meditron_jax import sharding, step
     spec = sharding.batch_sharding(mesh)
-    shape = (rows, int(config.data.seq_len) + 1)   # rows hold seq_len + 1 tokens (train.py)
+    shape = (rows, int(config.data.seq_len) + 1)   # rows hold seq_len + 1 tokens (step.py)
     return {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=spec)
-            for k in train.BATCH_KEYS}
+            for k in step.BATCH_KEYS}
 
 
 def _compile_step(config, cfg, mesh, rows: int):
     """The real jitted train step, lowered from abstract inputs and compiled."""
-    from meditron_jax import optim, train
+    from meditron_jax import optim, step
     steps = int(config.train.steps)
     optimizer = optim.make_optimizer(config.optim, steps)
     schedule = optim.lr_schedule(config.optim, steps)
-    abstract, shardings = train.abstract_state(cfg, optimizer, mesh)
-    step_fn, _ = train.compile_steps(config, cfg, optimizer, schedule, shardings, mesh)
+    abstract, shardings = step.abstract_state(cfg, optimizer, mesh)
+    step_fn, _ = step.compile_steps(config, cfg, optimizer, schedule, shardings, mesh)
     batch = _abstract_batch(config, mesh, rows)
     with jax.set_mesh(mesh):
         compiled = step_fn.lower(abstract, batch).compile()

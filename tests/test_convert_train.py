@@ -77,7 +77,7 @@ def test_init_from_grows_the_vocabulary_for_added_tokens(tmp_path):
     c.model = configs.debug.base.model_config('tiny')
     c.model.vocab_size = 384
     mesh = sharding.make_mesh(dict(data=1, fsdp=8, tensor=1))
-    params = jax.device_get(train._init_params(c, train.model_config(c), mesh))
+    params = jax.device_get(train.init_params(c, train.model_config(c), mesh))
     source, _ = pc.load_params(dst)
     embed, head = params['embed']['embedding'], params['lm_head']['kernel']
     assert embed.shape == (384, 64) and head.shape == (64, 384)
@@ -89,4 +89,4 @@ def test_init_from_grows_the_vocabulary_for_added_tokens(tmp_path):
 
     c.model.vocab_size = 128
     with pytest.raises(ValueError, match=r'model\.vocab_size: checkpoint 256 vs config 128'):
-        train._init_params(c, train.model_config(c), mesh)
+        train.init_params(c, train.model_config(c), mesh)
