@@ -112,25 +112,6 @@ def torch_tensor_plan(cfg: model_lib.LlamaConfig, true_vocab: int
     return plan
 
 
-def check_tensors(found: Mapping[str, Shape], expected: Iterable[tuple[str, Shape]],
-                  source: str) -> None:
-    """Missing, unexpected and wrongly shaped tensors, all listed in one error."""
-    expected = dict(expected)
-    missing = [f'{n} {list(s)}' for n, s in expected.items() if n not in found]
-    extra = [f'{n} {list(s)}' for n, s in found.items() if n not in expected]
-    wrong = [f'{n}: found {list(found[n])}, expected {list(s)}' for n, s in expected.items()
-             if n in found and tuple(found[n]) != tuple(s)]
-    problems = []
-    if missing:
-        problems.append(f'missing tensors: {", ".join(missing)}')
-    if extra:
-        problems.append(f'unexpected tensors: {", ".join(extra)}')
-    if wrong:
-        problems.append(f'wrong shapes: {"; ".join(wrong)}')
-    if problems:
-        raise ConversionError(f'{source}: ' + ' | '.join(problems))
-
-
 def padded_vocab(true_vocab: int, multiple: int) -> int:
     if multiple < 1:
         raise ConversionError(f'pad_vocab_multiple={multiple} must be >= 1')

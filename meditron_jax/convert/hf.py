@@ -297,7 +297,8 @@ def import_hf(src: str, dst: str, *, dtype: str | None = None, pad_vocab_multipl
         found['lm_head.weight'] = found.get('model.embed_tokens.weight', ())
         read = lambda n: weights.read('model.embed_tokens.weight' if n == 'lm_head.weight' else n)
     plan = common.torch_tensor_plan(cfg, true_vocab)
-    common.check_tensors(found, [(n, s) for n, _, _, s in plan], src)
+    pc.check_names_and_shapes(found, {n: s for n, _, _, s in plan}, src,
+                              error=ConversionError, torch_shapes=True)
     dtype = dtype or common.widest_dtype(weights.dtypes[n] for n in found)
     cfg = cfg.replace(vocab_size=common.padded_vocab(true_vocab, pad_vocab_multiple),
                       param_dtype=dtype)

@@ -201,7 +201,8 @@ def import_meta(src: str, dst: str, *, dtype: str | None = None, pad_vocab_multi
     vocab_rows = found.get('tok_embeddings.weight', (0,))[0]
     cfg, true_vocab = config_from_meta(params, vocab_rows, params_path)
     plan = common.torch_tensor_plan(cfg, true_vocab)
-    common.check_tensors(found, [(hf_to_meta_name(n), s) for n, _, _, s in plan], src)
+    pc.check_names_and_shapes(found, {hf_to_meta_name(n): s for n, _, _, s in plan}, src,
+                              error=ConversionError, torch_shapes=True)
     dtype = dtype or common.widest_dtype(s.dtypes[n] for s in shards for n in found)
     cfg = cfg.replace(vocab_size=common.padded_vocab(true_vocab, pad_vocab_multiple),
                       param_dtype=dtype)
