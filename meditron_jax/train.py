@@ -2,12 +2,13 @@
 
     meditron-train --config configs/debug.py --workdir runs/debug [--config.train.steps=50]
 
-The core is ``train_step(state, batch) -> (state, metrics)``, a pure function jitted once with
-explicit shardings and a donated state (step.py). ``train`` is the loop around it, in labelled steps:
-distributed setup, data, state (resume / init_from / random), compile, then step / log / evaluate
-/ checkpoint until done or preempted. Re-running the same command on the same workdir resumes
-from the latest complete checkpoint, data order included.
+The core is ``train_step(state, batch) -> (state, metrics)`` (step.py), a pure function jitted
+once with explicit shardings and a donated state. ``train`` is the loop around it, in labelled
+steps: distributed setup, data, state (resume / init_from / random), compile, then step / log /
+evaluate / checkpoint until done or preempted. Re-running the same command on the same workdir
+resumes from the latest complete checkpoint, data order included.
 """
+
 from __future__ import annotations
 
 import json
