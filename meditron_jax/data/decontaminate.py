@@ -38,6 +38,7 @@ _ASCII_WORDS = {c: (chr(c).lower() if chr(c).isalnum() or chr(c) == '_' else ' '
                 for c in range(128)}
 BLOOM_BITS_PER_KEY = 16    # filter slots per indexed hash (two probes each, low and high bits):
 BLOOM_SECOND_PROBE = np.uint64(32)   # ~11% of windows pass the first probe, ~1% both
+BUILD_BATCH_ITEMS = 512       # benchmark items normalised at a time
 SEPARATOR = '\x00'    # laid between texts by normalised_words: never a word (normalise drops it)
 _AFTER_SPAN = re.compile(r'[^\w\s]*\s*')     # punctuation then spaces after a cut span
 _MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)   # odd: multiplying by it is a bijection mod 2^64
@@ -149,6 +150,10 @@ class Index:
         return out
 
 
+def _batches(seq: Sequence, size: int):
+    return (seq[i:i + size] for i in range(0, len(seq), size))
+
+
 def build_index(benchmarks: Sequence[tuple[str, Sequence[Any]]], n: int) -> Index:
     """The index of every item of every (benchmark name, items) pair.
 
@@ -162,14 +167,15 @@ def build_index(benchmarks: Sequence[tuple[str, Sequence[Any]]], n: int) -> Inde
         for item in bench_items:
             items.append((name, str(item.id)))
             texts.append(item_text(item))
-    words = normalised_words(texts)
-    # One pass gives each word the position of its first occurrence (1-based; 0: separators).
-    first_seen = {SEPARATOR: 0}
-    rows = np.fromiter(map(first_seen.setdefault, words, count(1)), np.int64,
-                       len(words))
+    # Each word numbered by its first occurrence (1-based; 0: separators), a batch of items at a
+    # time so that the word lists stay small (less memory to fault in than one list of all).
+    first_seen, next_ids = {SEPARATOR: 0}, count(1)
+    rows = np.concatenate([np.zeros(0, np.int64)] + [
+        np.fromiter(map(first_seen.setdefault, words, next_ids), np.int64, len(words))
+        for words in map(normalised_words, _batches(texts, BUILD_BATCH_ITEMS))])
     del first_seen[SEPARATOR]
     index = Index(n, {w: word_hash(w) for w in first_seen}, {}, {}, items)
-    table = np.zeros(len(words) + 1, np.uint64)
+    table = np.zeros(len(rows) + 1, np.uint64)
     table[np.fromiter(first_seen.values(), np.int64, len(first_seen))] = np.fromiter(
         index.vocab.values(), np.uint64, len(index.vocab))
     hashes, ends = table[rows], np.flatnonzero(rows == 0)
