@@ -157,8 +157,8 @@ def _batches(seq: Sequence, size: int):
 def build_index(benchmarks: Sequence[tuple[str, Sequence[Any]]], n: int) -> Index:
     """The index of every item of every (benchmark name, items) pair.
 
-    All items are normalised in one pass and laid end to end like documents in ``match`` (a
-    separator, hash 0, after each, so no window spans two); each distinct word is hashed once.
+    All items are normalised (512 at a time) and laid end to end like documents in ``match``
+    (a separator, hash 0, after each, so no window spans two); each distinct word is hashed once.
     Items of n words or more give their n-grams in one vectorised pass; shorter ones, grouped by
     length, one hash each.
     """
@@ -192,8 +192,8 @@ def build_index(benchmarks: Sequence[tuple[str, Sequence[Any]]], n: int) -> Inde
         owners[n] = owner_of_word[:len(windows)][whole]
     for length in np.unique(counts[(counts > 0) & (counts < n)]).tolist():
         numbers = np.flatnonzero(counts == length)
-        rows = hashes[starts[numbers, None] + np.arange(length)].reshape(-1)
-        keys[length] = window_hashes(rows, length)[::length]
+        words_hashes = hashes[starts[numbers, None] + np.arange(length)].reshape(-1)
+        keys[length] = window_hashes(words_hashes, length)[::length]
         owners[length] = numbers.astype(np.int32)
     for length in sorted(keys):
         order = np.argsort(keys[length])   # an n-gram repeated in one item stays listed twice
