@@ -37,7 +37,7 @@ _WORD = re.compile(r'\w+')
 _ASCII_WORDS = {c: (chr(c).lower() if chr(c).isalnum() or chr(c) == '_' else ' ')
                 for c in range(128)}
 BLOOM_BITS_PER_KEY = 16    # filter slots per indexed hash (two probes each, low and high bits):
-BLOOM_SECOND_PROBE = np.uint64(32)   # ~11% of windows pass the first probe, ~1% both
+BLOOM_SECOND_PROBE = np.uint64(32)   # ~10% of windows pass the first probe, ~2% both
 BUILD_BATCH_ITEMS = 512       # benchmark items normalised at a time
 SEPARATOR = '\x00'    # laid between texts by normalised_words: never a word (normalise drops it)
 _AFTER_SPAN = re.compile(r'[^\w\s]*\s*')     # punctuation then spaces after a cut span
