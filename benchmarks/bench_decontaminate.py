@@ -5,9 +5,10 @@
 
 Corpus: the shipped corpus's generator at ``--scale`` copies with other seeds (bench_data.py's
 corpus: distinct documents, so dedup keeps them), plus planted copies of a few benchmark items.
-Benchmarks: a generated stand-in in the published file formats at the published test sizes
-(MedQA and MedQA-4 1,273 each, MedMCQA 4,183, MMLU medical 1,871, PubMedQA's 1,000 labelled
-items: 9,600 items), with realistic lengths (MedQA-like questions ~120 words + 5 options,
+Benchmarks: a generated stand-in of 10,000 items in the published file formats: the published
+test sizes (MedQA and MedQA-4 1,273 each, MedMCQA 4,183, MMLU medical 1,871) and PubMedQA's
+1,000 labelled items make 9,600, and MedQA and MedQA-4 get 200 more MedQA-like items each (1,473
+each), with realistic lengths (MedQA-like questions ~120 words + 5 options,
 MedMCQA/MMLU ~25 words + 4 options, PubMedQA abstracts ~250 words). Their words are drawn from
 the corpus's own words (so nearly every corpus n-gram is a candidate that must be looked up: the
 costly case for the matcher). Both configurations run one worker pinned to one core, alternated
@@ -35,6 +36,7 @@ from configs import base  # noqa: E402
 from meditron_jax.data import decontaminate_io, prepare, tokenizer  # noqa: E402
 
 PUBLISHED = dict(medqa=1273, medqa4=1273, medmcqa=4183, pubmedqa=1000, mmlu_medical=1871)
+EXTRA_MEDQA = 200     # more MedQA-like items in each of medqa and medqa4: 10,000 items in all
 PLANTED = 20          # items of each of medqa and pubmedqa copied into corpus documents
 
 
@@ -62,7 +64,7 @@ def write_benchmarks(root: str, pool: list[str], seed: int = 0) -> list[dict]:
         path = os.path.join(root, name, 'test.jsonl')
         os.makedirs(os.path.dirname(path))
         with open(path, 'w') as f:
-            for i in range(PUBLISHED[name]):
+            for i in range(PUBLISHED[name] + EXTRA_MEDQA):
                 options = {k: _words(rng, pool, rng.randint(1, 5)) for k in 'ABCDE'[:n_options]}
                 f.write(json.dumps(dict(question=_words(rng, pool, rng.randint(80, 160)) + '?',
                                         options=options, answer=options['A'],

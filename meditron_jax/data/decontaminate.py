@@ -25,7 +25,7 @@ import hashlib
 import re
 import unicodedata
 from collections.abc import Sequence
-from itertools import repeat
+from itertools import count, repeat
 from typing import Any
 
 import numpy as np
@@ -36,7 +36,10 @@ _WORD = re.compile(r'\w+')
 # character that \w does not match becomes a space (str.translate has a fast ASCII mode).
 _ASCII_WORDS = {c: (chr(c).lower() if chr(c).isalnum() or chr(c) == '_' else ' ')
                 for c in range(128)}
-BLOOM_BITS_PER_KEY = 16    # filter slots per indexed hash: ~6% of windows reach the binary search
+BLOOM_BITS_PER_KEY = 16    # filter slots per indexed hash (two probes each, low and high bits):
+BLOOM_SECOND_PROBE = np.uint64(32)   # ~10% of windows pass the first probe, ~2% both
+BUILD_BATCH_ITEMS = 512       # benchmark items normalised at a time
+SEPARATOR = '\x00'    # laid between texts by normalised_words: never a word (normalise drops it)
 _AFTER_SPAN = re.compile(r'[^\w\s]*\s*')     # punctuation then spaces after a cut span
 _MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)   # odd: multiplying by it is a bijection mod 2^64
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)       # splitmix64's finaliser
@@ -48,6 +51,19 @@ def normalise(text: str) -> list[str]:
     if text.isascii():
         return text.translate(_ASCII_WORDS).split()
     return _WORD.findall(unicodedata.normalize('NFKC', text).casefold())
+
+
+def normalised_words(texts: Sequence[str]) -> list[str]:
+    """normalise() of each text, laid end to end, each followed by one SEPARATOR.
+
+    One translate + split for the whole batch (per-text calls cost more than the work): ASCII
+    texts are translated apart (str.translate's fast mode) and the others normalised apart; the
+    pieces hold only word characters and spaces, so splitting them again gives the same words.
+    """
+    pieces = [t.translate(_ASCII_WORDS) if t.isascii() else ' '.join(normalise(t))
+              for t in texts]
+    pieces.append('')
+    return f' {SEPARATOR} '.join(pieces).split()
 
 
 def item_text(item: Any) -> str:
@@ -98,13 +114,33 @@ class Index:
     items: list[tuple[str, str]]                   # item number -> (benchmark, item id)
 
     @functools.cached_property
+    def lookup(self) -> dict[str, int]:
+        """Word -> its row of hash_table (1..len(vocab)); SEPARATOR -> the last row."""
+        out = {w: i for i, w in enumerate(self.vocab, 1)}
+        out[SEPARATOR] = len(out) + 1
+        return out
+
+    @functools.cached_property
+    def hash_table(self) -> np.ndarray:
+        """uint64 word hashes by lookup row; rows 0 (unknown words) and last (SEPARATOR) are 0."""
+        return np.fromiter([0, *self.vocab.values(), 0], np.uint64, len(self.vocab) + 2)
+
+    def word_hashes(self, words: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(hash of each word, 0 for words no benchmark has and separators; the separators'
+        positions) of normalised_words' output."""
+        rows = np.fromiter(map(self.lookup.get, words, repeat(0)), np.int64, len(words))
+        return self.hash_table[rows], np.flatnonzero(rows == len(self.hash_table) - 1)
+
+    @functools.cached_property
     def bloom(self) -> np.ndarray:
-        """A filter on the low bits of every indexed hash: False = certainly not indexed."""
+        """A filter on two bit ranges of every indexed hash: False at either = not indexed."""
         total = sum(len(k) for k in self.keys.values())
         bits = min(28, max(16, int(total * BLOOM_BITS_PER_KEY).bit_length()))  # <= 256 MiB
         out = np.zeros(1 << bits, bool)
+        mask = np.uint64((1 << bits) - 1)
         for keys in self.keys.values():
-            out[keys & np.uint64((1 << bits) - 1)] = True
+            out[keys & mask] = True
+            out[(keys >> BLOOM_SECOND_PROBE) & mask] = True
         return out
 
     def items_per_benchmark(self) -> dict[str, int]:
@@ -114,45 +150,54 @@ class Index:
         return out
 
 
+def _batches(seq: Sequence, size: int):
+    return (seq[i:i + size] for i in range(0, len(seq), size))
+
+
 def build_index(benchmarks: Sequence[tuple[str, Sequence[Any]]], n: int) -> Index:
     """The index of every item of every (benchmark name, items) pair.
 
-    Items of n words or more go through one vectorised pass, laid end to end like documents in
-    ``match`` (a 0 between items, so no window spans two); shorter ones get one hash each.
+    All items are normalised (512 at a time) and laid end to end like documents in ``match``
+    (a separator, hash 0, after each, so no window spans two); each distinct word is hashed once.
+    Items of n words or more give their n-grams in one vectorised pass; shorter ones, grouped by
+    length, one hash each.
     """
-    vocab: dict[str, int] = {}
-    items, flat, flat_items, flat_lengths = [], [], [], []
-    keys: dict[int, list] = {}
-    owners: dict[int, list] = {}
+    items, texts = [], []
     for name, bench_items in benchmarks:
         for item in bench_items:
-            number = len(items)
             items.append((name, str(item.id)))
-            words = normalise(item_text(item))
-            if len(words) >= n:
-                flat.extend(words)
-                flat.append('')
-                flat_items.append(number)
-                flat_lengths.append(len(words) + 1)
-            elif words:
-                vocab.update((w, word_hash(w)) for w in words if w not in vocab)
-                _, hashes = item_ngrams(words, n)
-                keys.setdefault(len(words), []).append(hashes)
-                owners.setdefault(len(words), []).append(np.full(1, number, np.int32))
-    vocab.update((w, word_hash(w)) for w in set(flat) - vocab.keys() if w)
-    if flat:
-        hashes = np.fromiter(map(vocab.get, flat, repeat(0)), np.uint64, len(flat))
+            texts.append(item_text(item))
+    # Each word numbered by its first occurrence (1-based; 0: separators), a batch of items at a
+    # time so that the word lists stay small (less memory to fault in than one list of all).
+    first_seen, next_ids = {SEPARATOR: 0}, count(1)
+    rows = np.concatenate([np.zeros(0, np.int64)] + [
+        np.fromiter(map(first_seen.setdefault, words, next_ids), np.int64, len(words))
+        for words in map(normalised_words, _batches(texts, BUILD_BATCH_ITEMS))])
+    del first_seen[SEPARATOR]
+    index = Index(n, {w: word_hash(w) for w in first_seen}, {}, {}, items)
+    table = np.zeros(len(rows) + 1, np.uint64)
+    table[np.fromiter(first_seen.values(), np.int64, len(first_seen))] = np.fromiter(
+        index.vocab.values(), np.uint64, len(index.vocab))
+    hashes, ends = table[rows], np.flatnonzero(rows == 0)
+    starts = np.concatenate([[0], ends[:-1] + 1]).astype(np.int64)
+    counts = ends - starts                           # words per item
+    keys: dict[int, np.ndarray] = {}
+    owners: dict[int, np.ndarray] = {}
+    if (counts >= n).any():
         windows = window_hashes(hashes, n)
         unknown = np.concatenate([[0], np.cumsum(hashes == 0)])
         whole = unknown[n:n + len(windows)] == unknown[:len(windows)]   # no boundary inside
-        keys.setdefault(n, []).append(windows[whole])
-        owner_of_word = np.repeat(np.asarray(flat_items, np.int32), flat_lengths)
-        owners.setdefault(n, []).append(owner_of_word[:len(windows)][whole])
-    index = Index(n, vocab, {}, {}, items)
+        keys[n] = windows[whole]
+        owner_of_word = np.repeat(np.arange(len(items), dtype=np.int32), counts + 1)
+        owners[n] = owner_of_word[:len(windows)][whole]
+    for length in np.unique(counts[(counts > 0) & (counts < n)]).tolist():
+        numbers = np.flatnonzero(counts == length)
+        words_hashes = hashes[starts[numbers, None] + np.arange(length)].reshape(-1)
+        keys[length] = window_hashes(words_hashes, length)[::length]
+        owners[length] = numbers.astype(np.int32)
     for length in sorted(keys):
-        k, o = np.concatenate(keys[length]), np.concatenate(owners[length])
-        order = np.argsort(k)          # an n-gram repeated in one item stays listed twice
-        index.keys[length], index.owners[length] = k[order], o[order]
+        order = np.argsort(keys[length])   # an n-gram repeated in one item stays listed twice
+        index.keys[length], index.owners[length] = keys[length][order], owners[length][order]
     return index
 
 
@@ -170,18 +215,12 @@ def match(texts: Sequence[str], index: Index) -> list[Match | None]:
     0 between documents, and a window holding a 0 (a word no benchmark has, or a boundary) can
     not match.
     """
-    words: list[str] = []
-    starts = []
-    for text in texts:
-        starts.append(len(words))
-        words.extend(normalise(text))
-        words.append('')                               # '' is in no vocab: hash 0
-    found: list[tuple[set, list]] = [(set(), []) for _ in texts]
     if not texts:
         return []
-    hashes = np.fromiter(map(index.vocab.get, words, repeat(0)), np.uint64, len(words))
+    hashes, ends = index.word_hashes(normalised_words(texts))
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    found: list[tuple[set, list]] = [(set(), []) for _ in texts]
     unknown = np.concatenate([[0], np.cumsum(hashes == 0)])
-    starts_array = np.asarray(starts)
     bloom = index.bloom
     mask = np.uint64(len(bloom) - 1)
     for length, keys in index.keys.items():
@@ -189,16 +228,21 @@ def match(texts: Sequence[str], index: Index) -> list[Match | None]:
         count = len(windows)
         candidates = np.flatnonzero((unknown[length:length + count] == unknown[:count]) &
                                     bloom[windows & mask])
+        candidates = candidates[bloom[(windows[candidates] >> BLOOM_SECOND_PROBE) & mask]]
         if not len(candidates):
             continue
         where = np.searchsorted(keys, windows[candidates])
         hit = keys[np.minimum(where, len(keys) - 1)] == windows[candidates]
-        for start, lo in zip(candidates[hit].tolist(), where[hit].tolist()):
-            hi = np.searchsorted(keys, keys[lo], side='right')
-            doc = int(np.searchsorted(starts_array, start, side='right')) - 1
-            first = start - starts[doc]
-            found[doc][0].update(index.owners[length][lo:hi].tolist())
-            found[doc][1].append((first, first + length))
+        if not hit.any():
+            continue
+        first_word, lo = candidates[hit], where[hit]
+        hi = np.searchsorted(keys, keys[lo], side='right')
+        doc = np.searchsorted(starts, first_word, side='right') - 1
+        first = first_word - starts[doc]
+        owners = index.owners[length]
+        for d, f, a, b in zip(doc.tolist(), first.tolist(), lo.tolist(), hi.tolist()):
+            found[d][0].update(owners[a:b].tolist())
+            found[d][1].append((f, f + length))
     return [Match(sorted(items), merge_spans(spans)) if items else None
             for items, spans in found]
 

@@ -12,6 +12,7 @@ files for --merge to accept them.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import os
@@ -171,13 +172,14 @@ def _section(opts, items_per_benchmark: dict[str, int], per_source: dict[str, di
 def finish(data_cfg, sources, counts, index_path: str, tmp: str) -> dict[str, Any]:
     """Writes tmp/decontamination.jsonl (input order); returns the manifest section.
     ``counts`` are scan's per-source counts (``.decontam``: a decontaminate.Counts)."""
-    index, _ = load_index(index_path)
+    with np.load(index_path, allow_pickle=False) as z:     # the item list only
+        items_per_benchmark = dict(collections.Counter(z['item_benchmarks'].tolist()))
     records = [dict(source=s.name, document_id=doc_id, file=path, line=line,
                     benchmark=benchmark, item_id=item_id)
                for s, c in zip(sources, counts)
                for doc_id, path, line, benchmark, item_id in c.decontam.hits]
     _write_hits(os.path.join(tmp, HITS_FILE), records)
-    return _section(options(data_cfg), index.items_per_benchmark(),
+    return _section(options(data_cfg), items_per_benchmark,
                     {s.name: c.decontam.totals() for s, c in zip(sources, counts)}, records)
 
 
