@@ -166,9 +166,12 @@ def decode(params, prompts_BxT: Array, lengths_B: Array, live_B: Array, inputs: 
     """prefill, then ``step`` in a while_loop until every row is done: (new tokens, counts)."""
     state = prefill(params, cfg, prompts_BxT, lengths_B, live_B, inputs, cache_len=cache_len,
                     out_len=out_len, sampling=sampling, true_vocab_size=true_vocab_size)
+    step_cfg = cfg.replace(scan_layers=False)
+    step_params = model_lib.unstack_layers(params, cfg.num_layers)
+    state = state.replace(cache=model_lib.step_cache(state.cache))
     state = jax.lax.while_loop(
         lambda s: ~jnp.all(s.done_B),
-        lambda s: step(params, cfg, s, inputs, sampling=sampling,
+        lambda s: step(step_params, step_cfg, s, inputs, sampling=sampling,
                        true_vocab_size=true_vocab_size),
         state)
     return state.out_BxN, state.count_B
