@@ -163,7 +163,13 @@ def step(params, cfg: model_lib.LlamaConfig, state: DecodeState, inputs: DecodeI
 def decode(params, prompts_BxT: Array, lengths_B: Array, live_B: Array, inputs: DecodeInputs, *,
            cfg: model_lib.LlamaConfig, cache_len: int, out_len: int, sampling: Sampling,
            true_vocab_size: int) -> tuple[Array, Array]:
-    """prefill, then ``step`` in a while_loop until every row is done: (new tokens, counts)."""
+    """prefill, then ``step`` in a while_loop until every row is done: (new tokens, counts).
+
+    The prefill runs the scanned stack and writes the stacked cache; the loop runs the unscanned
+    stack over the layers' weights sliced out once here (not at every step, where XLA:CPU copied
+    them: 128 MB a step for the benchmark model) and carries the cache in ``step_cache``'s
+    per-layer, head-major form, each layer's buffer written in place. The price is a second copy
+    of the layer weights while a generate call runs."""
     state = prefill(params, cfg, prompts_BxT, lengths_B, live_B, inputs, cache_len=cache_len,
                     out_len=out_len, sampling=sampling, true_vocab_size=true_vocab_size)
     step_cfg = cfg.replace(scan_layers=False)

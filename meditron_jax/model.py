@@ -402,6 +402,8 @@ class Llama(nn.Module):
 
         Decoding: with a ``cache`` (``init_cache``), each token's keys and values are written to
         the slot of its position and attention reads the cache; returns (logits, new cache).
+        With unscanned layers the cache may also be ``step_cache``'s per-layer list (the decode
+        loop's form), returned in that form.
         ``logits_at_B`` computes the logits of one token a row only (B, 1, V): a prefill needs
         just each prompt's last."""
         c = self.cfg
