@@ -58,7 +58,8 @@ def time_prefill(ours: meditron_jax.Model, prompts_BxT: np.ndarray, new: int, re
         row_ids_B=jnp.arange(b), stop_ids=jnp.full((4,), -1, jnp.int32),
         max_new_tokens=jnp.int32(new), seed=jnp.uint32(0),
         sample=dict(temperature=jnp.float32(1), top_k=jnp.int32(0), top_p=jnp.float32(1)))
-    cache_len = generate.bucket(t + new)
+    prompt_len = generate.bucket(t, 8)
+    cache_len = -(-(t + new) // prompt_len) * prompt_len     # as generate.generate sizes it
     fn = jax.jit(lambda p, x, n, live, i: generate.prefill(
         p, cfg, x, n, live, i, cache_len=cache_len, out_len=generate.bucket(new),
         sampling=generate.Sampling(True, False, False), true_vocab_size=ours.true_vocab_size))
