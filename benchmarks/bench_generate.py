@@ -7,12 +7,14 @@ meditron-convert import-hf and loaded with meditron_jax.load. Both generate the 
 prompts greedily for exactly --new tokens (EOS off), compiled/warmed up first, then timed
 alternately, run by run, so both see the same machine load. Prints new tokens/s of each and the
 ratio (target: >= 3x), whether the tokens agree, prefill tokens/s (the jitted prefill alone),
-and the KV cache's bytes per token against 2 x layers x kv heads x head_dim x bytes.
+the KV cache's bytes per token against 2 x layers x kv heads x head_dim x bytes, and the memory
+bound: the bytes a decode step must read over the machine's measured read bandwidth.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import os
 import statistics
 import sys
@@ -56,7 +58,8 @@ def time_prefill(ours: meditron_jax.Model, prompts_BxT: np.ndarray, new: int, re
         row_ids_B=jnp.arange(b), stop_ids=jnp.full((4,), -1, jnp.int32),
         max_new_tokens=jnp.int32(new), seed=jnp.uint32(0),
         sample=dict(temperature=jnp.float32(1), top_k=jnp.int32(0), top_p=jnp.float32(1)))
-    cache_len = generate.bucket(t + new)
+    prompt_len = generate.bucket(t, 8)
+    cache_len = -(-(t + new) // prompt_len) * prompt_len     # as generate.generate sizes it
     fn = jax.jit(lambda p, x, n, live, i: generate.prefill(
         p, cfg, x, n, live, i, cache_len=cache_len, out_len=generate.bucket(new),
         sampling=generate.Sampling(True, False, False), true_vocab_size=ours.true_vocab_size))
@@ -131,7 +134,33 @@ def main() -> None:
           f'{cfg.num_kv_heads} kv heads x {cfg.head_dim} head_dim x 4 bytes = {expected:,}); '
           f'model_lib.cache_bytes_per_token = {model_lib.cache_bytes_per_token(cfg):,}')
     assert cache_bytes / slots == expected == model_lib.cache_bytes_per_token(cfg)
+    memory_floor(cfg, cache['k'].shape[2] * b * expected, b, new, b * t / prefill_rate,
+                 rate['hf'])
 
+
+def memory_floor(cfg: model_lib.LlamaConfig, cache_bytes: int, batch: int, new: int,
+                 prefill_s: float, hf_rate: float) -> None:
+    """The bandwidth bound: a decode step reads every layer's weights, the output head and the
+    cache once; at the machine's measured read bandwidth (all cores reading) that takes at least
+    this long, and the measured prefill comes on top."""
+    itemsize = jnp.dtype(cfg.param_dtype).itemsize
+    weight_bytes = (cfg.num_params() - cfg.vocab_size * cfg.hidden_size) * itemsize
+    threads = os.cpu_count() or 1
+    big_WxN = np.ones((threads, 2 ** 26 // threads), np.float32)     # 256 MB: past any cache
+    times = []
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:     # numpy's sum drops the GIL
+        for _ in range(5):
+            start = time.perf_counter()
+            list(pool.map(np.sum, big_WxN))
+            times.append(time.perf_counter() - start)
+    bandwidth = big_WxN.nbytes / min(times)
+    step_s = (weight_bytes + cache_bytes) / bandwidth
+    best = batch * new / (prefill_s + (new - 1) * step_s)
+    print(f'memory bound: a decode step reads {weight_bytes / 1e6:.0f} MB of weights (all but '
+          f'the embedding) + {cache_bytes / 1e6:.1f} MB of cache; read bandwidth ({threads} '
+          f'threads summing 256 MB, best of 5) {bandwidth / 1e9:.1f} GB/s -> at least '
+          f'{step_s * 1e3:.1f} ms a step; with the measured prefill at most {best:,.0f} new '
+          f'tokens/s = {best / hf_rate:.2f}x HF')
 
 if __name__ == '__main__':
     main()

@@ -8,8 +8,8 @@ every row has finished. A ``DecodeState`` pytree is all a step carries.
 Batches of unequal prompts are right-padded: row b's token at position p lives in cache slot p,
 and a query at position p attends to slots 0..p of its own row, so a row computes exactly what
 it would alone (pad slots past a prompt are overwritten by its own new tokens before any query
-can see them). Shapes are bucketed to powers of two (batch, prompt length, new tokens, cache
-length), so a new prompt length rarely compiles anything.
+can see them). Shapes are bucketed to powers of two (batch, prompt length, new tokens; the cache
+length to a multiple of the prompt bucket), so a new prompt length rarely compiles anything.
 
 Sampling (``temperature``, ``top_k``, ``top_p``) is a chain of small pure filters over float32
 logits; padding-vocabulary logits (ids >= ``true_vocab_size``) are -inf first, so those ids are
@@ -163,12 +163,21 @@ def step(params, cfg: model_lib.LlamaConfig, state: DecodeState, inputs: DecodeI
 def decode(params, prompts_BxT: Array, lengths_B: Array, live_B: Array, inputs: DecodeInputs, *,
            cfg: model_lib.LlamaConfig, cache_len: int, out_len: int, sampling: Sampling,
            true_vocab_size: int) -> tuple[Array, Array]:
-    """prefill, then ``step`` in a while_loop until every row is done: (new tokens, counts)."""
+    """prefill, then ``step`` in a while_loop until every row is done: (new tokens, counts).
+
+    The prefill runs the scanned stack and writes the stacked cache; the loop runs the unscanned
+    stack over the layers' weights sliced out once here (not at every step, where XLA:CPU copied
+    them: 128 MB a step for the benchmark model) and carries the cache in ``step_cache``'s
+    per-layer, head-major form, each layer's buffer written in place. The price is a second copy
+    of the layer weights while a generate call runs."""
     state = prefill(params, cfg, prompts_BxT, lengths_B, live_B, inputs, cache_len=cache_len,
                     out_len=out_len, sampling=sampling, true_vocab_size=true_vocab_size)
+    step_cfg = cfg.replace(scan_layers=False)
+    step_params = model_lib.unstack_layers(params, cfg.num_layers)
+    state = state.replace(cache=model_lib.step_cache(state.cache))
     state = jax.lax.while_loop(
         lambda s: ~jnp.all(s.done_B),
-        lambda s: step(params, cfg, s, inputs, sampling=sampling,
+        lambda s: step(step_params, step_cfg, s, inputs, sampling=sampling,
                        true_vocab_size=true_vocab_size),
         state)
     return state.out_BxN, state.count_B
@@ -289,7 +298,9 @@ def generate(model, prompts, max_new_tokens: int, temperature: float = 0.0, top_
     longest = max(len(p) for p in prompts)
     prompt_len = bucket(longest, 8)
     out_len = bucket(max_new_tokens, 8)
-    cache_len = bucket(longest + max_new_tokens, prompt_len)
+    # A multiple of the prompt bucket, not a power of two: every step reads all of the cache's
+    # slots (64 + 128 tokens: 192 slots, not 256; ~10% of a step in the benchmark).
+    cache_len = -(-(longest + max_new_tokens) // prompt_len) * prompt_len
     tokens_BxT = np.zeros((rows, prompt_len), np.int32)
     lengths_B = np.ones((rows,), np.int32)
     for i, p in enumerate(prompts):

@@ -196,7 +196,25 @@ class Einsum(nn.Module):
         kernel = _param(self, 'kernel', self.shape, self.names,
                         nn.initializers.normal(self.cfg.init_std), self.cfg)
         dtype = jnp.dtype(self.cfg.compute_dtype)
-        return jnp.einsum(self.equation, x.astype(dtype), kernel.astype(dtype))
+        return contract(self.equation, x.astype(dtype), kernel.astype(dtype))
+
+
+def contract(equation: str, x: Array, kernel: Array) -> Array:
+    """A batch-free einsum as one dot_general contracting in the input's dimension order.
+
+    jnp.einsum orders the contracted dimensions its own way ('btnh,nhd->btd' contracts (h, n)),
+    and XLA:CPU then transposed the whole kernel to match, on every call (in a decode step, the
+    o projection's weights at each layer each step)."""
+    inputs, out = equation.split('->')
+    lhs, rhs = inputs.split(',')
+    summed = [c for c in lhs if c in rhs]
+    if sorted(c for c in lhs + rhs if c not in summed) != sorted(out) or any(
+            c in out for c in summed):
+        raise ValueError(f'contract: {equation!r} is not a batch-free contraction')
+    dims = (tuple(lhs.index(c) for c in summed), tuple(rhs.index(c) for c in summed))
+    y = jax.lax.dot_general(x, kernel, (dims, ((), ())))
+    natural = [c for c in lhs if c not in summed] + [c for c in rhs if c not in summed]
+    return y if natural == list(out) else jnp.transpose(y, [natural.index(c) for c in out])
 
 
 def rope(x_BxTxNxH: Array, positions_BxT: Array, theta: float) -> Array:
@@ -274,6 +292,46 @@ def write_cache(cache_BxSxKxH: Array, new_BxTxKxH: Array, positions_BxT: Array) 
     return sharding.constrain(out, CACHE_AXES[1:])
 
 
+# The decode loop's form of the cache (``step_cache``): one {'k_BxKxSxH', 'v_BxKxSxH'} dict a
+# layer, head-major, so that a decode step reads each layer's keys and values in the layout its
+# attention contractions want (with the (B, S, K, H) layout XLA:CPU transposed the whole cache,
+# every layer, every step) and writes one slot a row in place (no stacking across layers).
+STEP_CACHE_AXES = ('batch', 'act_kv_heads', 'length', None)
+
+
+def step_cache(cache: Cache) -> list[Cache]:
+    """The stacked cache (``init_cache``'s layout) -> the decode loop's per-layer, head-major
+    form, which ``Llama`` reads and returns when its layers are unscanned."""
+    heads = lambda a: sharding.constrain(jnp.swapaxes(a, 1, 2), STEP_CACHE_AXES)
+    return [dict(k_BxKxSxH=heads(cache['k'][i]), v_BxKxSxH=heads(cache['v'][i]))
+            for i in range(cache['k'].shape[0])]
+
+
+def write_step_cache(cache_BxKxSxH: Array, new_BxTxKxH: Array, positions_BxT: Array) -> Array:
+    """write_cache for the head-major form."""
+    rows_Bx1 = jnp.arange(cache_BxKxSxH.shape[0])[:, None]
+    out = cache_BxKxSxH.at[rows_Bx1, :, positions_BxT].set(
+        new_BxTxKxH.astype(cache_BxKxSxH.dtype), mode='drop')
+    return sharding.constrain(out, STEP_CACHE_AXES)
+
+
+def step_attention(q_BxTxNxH: Array, k_BxKxSxH: Array, v_BxKxSxH: Array,
+                   positions_BxT: Array) -> Array:
+    """cached_attention over the head-major cache, written out (as jax's xla implementation
+    does it: scaled scores, masked, float32 softmax) so that no operand is transposed."""
+    b, t, n, h = q_BxTxNxH.shape
+    kv = k_BxKxSxH.shape[1]
+    q_BxTxKxGxH = q_BxTxNxH.reshape(b, t, kv, n // kv, h)
+    scores = jnp.einsum('btkgh,bksh->bkgts', q_BxTxKxGxH, k_BxKxSxH,
+                        preferred_element_type=jnp.float32) / np.sqrt(h).astype(np.float32)
+    slots_S = jnp.arange(k_BxKxSxH.shape[2])
+    mask_Bx1x1xTxS = (slots_S[None, None, :] <= positions_BxT[:, :, None])[:, None, None]
+    scores = jnp.where(mask_Bx1x1xTxS, scores, jnp.finfo(jnp.float32).min)
+    probs_BxKxGxTxS = jax.nn.softmax(scores, axis=-1).astype(v_BxKxSxH.dtype)
+    out_BxKxGxTxH = jnp.einsum('bkgts,bksh->bkgth', probs_BxKxGxTxS, v_BxKxSxH)
+    return out_BxKxGxTxH.reshape(b, n, t, h).transpose(0, 2, 1, 3)
+
+
 class Attention(nn.Module):
     cfg: LlamaConfig
 
@@ -293,6 +351,11 @@ class Attention(nn.Module):
                                 ('batch', 'length', 'act_kv_heads', None))
         if cache is None:
             out_BxTxNxH = attention(q, kk, v, segment_ids_BxT, c.attention)
+        elif 'k_BxKxSxH' in cache:
+            cache = dict(k_BxKxSxH=write_step_cache(cache['k_BxKxSxH'], kk, positions_BxT),
+                         v_BxKxSxH=write_step_cache(cache['v_BxKxSxH'], v, positions_BxT))
+            out_BxTxNxH = step_attention(q, cache['k_BxKxSxH'], cache['v_BxKxSxH'],
+                                         positions_BxT)
         else:
             cache = dict(k=write_cache(cache['k'], kk, positions_BxT),
                          v=write_cache(cache['v'], v, positions_BxT))
@@ -339,6 +402,8 @@ class Llama(nn.Module):
 
         Decoding: with a ``cache`` (``init_cache``), each token's keys and values are written to
         the slot of its position and attention reads the cache; returns (logits, new cache).
+        With unscanned layers the cache may also be ``step_cache``'s per-layer list (the decode
+        loop's form), returned in that form.
         ``logits_at_B`` computes the logits of one token a row only (B, 1, V): a prefill needs
         just each prompt's last."""
         c = self.cfg
@@ -362,13 +427,17 @@ class Llama(nn.Module):
                             metadata_params={nn.PARTITION_NAME: 'layers'})
             x, cache = stack(c, name='layers')(x, positions_BxT, segment_ids_BxT, cache)
         else:
+            per_layer = isinstance(cache, (list, tuple))
             layer_caches = []
             for i in range(c.num_layers):
-                layer_cache = None if cache is None else jax.tree.map(lambda a, i=i: a[i], cache)
+                layer_cache = cache[i] if per_layer else (
+                    None if cache is None else jax.tree.map(lambda a, i=i: a[i], cache))
                 x, layer_cache = block(c, name=f'layers_{i}')(
                     x, positions_BxT, segment_ids_BxT, layer_cache)
                 layer_caches.append(layer_cache)
-            if cache is not None:
+            if per_layer:
+                cache = layer_caches
+            elif cache is not None:
                 cache = jax.tree.map(lambda *xs: jnp.stack(xs), *layer_caches)
 
         if logits_at_B is not None:
@@ -382,7 +451,8 @@ class Llama(nn.Module):
         logits = sharding.constrain(logits, ('batch', 'length', 'act_vocab'))
         if cache is None:
             return logits
-        return logits, jax.tree.map(lambda a: sharding.constrain(a, CACHE_AXES), cache)
+        axes = STEP_CACHE_AXES if isinstance(cache, list) else CACHE_AXES
+        return logits, jax.tree.map(lambda a: sharding.constrain(a, axes), cache)
 
 
 # ------------------------------------------------------------------- functional interface

@@ -62,9 +62,11 @@ def prompts(lengths=(3, 9, 1, 14), seed=5):
     return [rng.integers(3, fx.VOCAB, n).tolist() for n in lengths]
 
 
-@pytest.mark.parametrize('scan_layers,num_kv_heads', [(True, 4), (False, 4), (True, 8)],
-                         ids=['scanned-gqa', 'unscanned-gqa', 'scanned-mha'])
-def test_cached_decoding_gives_full_forward_logits_at_every_position(scan_layers, num_kv_heads):
+@pytest.mark.parametrize('scan_layers,num_kv_heads,step_form',
+                         [(True, 4, False), (False, 4, False), (True, 8, False), (False, 4, True)],
+                         ids=['scanned-gqa', 'unscanned-gqa', 'scanned-mha', 'step-cache-gqa'])
+def test_cached_decoding_gives_full_forward_logits_at_every_position(scan_layers, num_kv_heads,
+                                                                      step_form):
     cfg = model_lib.preset('tiny', scan_layers=scan_layers, num_kv_heads=num_kv_heads,
                            init_std=0.1)
     mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
@@ -81,6 +83,9 @@ def test_cached_decoding_gives_full_forward_logits_at_every_position(scan_layers
     logits, cache = forward_cached(params, cfg, tokens_BxT[:, :5], positions, cache)
     for b in range(2):
         np.testing.assert_allclose(logits[b, :lengths[b]], full_BxTxV[b, :lengths[b]], atol=1e-5)
+    if step_form:   # the decode loop's per-layer, head-major form (generate.decode)
+        cache = model_lib.step_cache(cache)
+        assert cache[0]['k_BxKxSxH'].shape == (2, num_kv_heads, 16, cfg.head_dim)
     pos = lengths.copy()
     while pos.min() < 12:
         pos_B = np.minimum(pos, 11)
