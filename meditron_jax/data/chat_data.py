@@ -14,7 +14,6 @@ the loader truncates them to a row, and the manifest counts them (``truncated``)
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -26,7 +25,8 @@ from meditron_jax.data import chat
 from meditron_jax.data import clean as clean_lib
 from meditron_jax.data import shards as shards_lib
 from meditron_jax.data import tokenizer as tokenizer_lib
-from meditron_jax.data.sources import JSONL_SUFFIXES, DataError, Source, read_chunks
+from meditron_jax.data.sources import (JSONL_SUFFIXES, DataError, Source, parse_json_object,
+                                       read_chunks)
 
 FORMATS = ('text', 'chat')
 LINES_PER_CHUNK = 1024
@@ -57,12 +57,8 @@ def conversations(path: str) -> Iterator[tuple[int, list[dict[str, str]]]]:
         for number, line in enumerate(lines, start=first):
             if not line.strip():
                 continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f'{path}:{number}: malformed JSON ({e.msg} at column {e.colno}); '
-                                f'expected one JSON object per line')
-            yield number, chat.parse_record(record, f'{path}:{number}')
+            where = f'{path}:{number}'
+            yield number, chat.parse_record(parse_json_object(line, where), where)
 
 
 def tokenizer_texts(files: list[list[str]]) -> list[str]:

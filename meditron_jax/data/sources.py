@@ -144,6 +144,18 @@ def read_chunks(path: str, lines_per_chunk: int) -> Iterator[tuple[int, list[str
                         f'corrupt {kind}?') from None
 
 
+def parse_json_object(line: str, where: str) -> dict:
+    """One JSONL line as a dict, or a DataError naming ``where`` (path:line)."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f'{where}: malformed JSON ({e.msg} at column {e.colno}); '
+                        f'expected one JSON object per line')
+    if not isinstance(record, dict):
+        raise DataError(f'{where}: expected a JSON object, got {type(record).__name__}')
+    return record
+
+
 def parse_chunk(path: str, first_line: int, lines: list[str], text_key: str) -> list[Document]:
     """Documents of one chunk from read_chunks; blank JSONL lines are skipped."""
     if path.endswith(TEXT_SUFFIXES):
@@ -153,14 +165,7 @@ def parse_chunk(path: str, first_line: int, lines: list[str], text_key: str) -> 
         number = first_line + offset
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f'{path}:{number}: malformed JSON ({e.msg} at column {e.colno}); '
-                            f'expected one JSON object per line')
-        if not isinstance(record, dict):
-            raise DataError(f'{path}:{number}: expected a JSON object, got '
-                            f'{type(record).__name__}')
+        record = parse_json_object(line, f'{path}:{number}')
         if text_key not in record:
             raise DataError(f'{path}:{number}: no key {text_key!r} (the source\'s text_key); '
                             f'keys are {sorted(record)[:10]}')
