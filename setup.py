@@ -6,7 +6,7 @@ setup(
     description='Continued pretraining of Llama-2 on medical text, in JAX/Flax',
     python_requires='>=3.11',
     packages=find_packages(include=['meditron_jax', 'meditron_jax.*', 'configs']),
-    package_data={'meditron_jax': ['data/corpus/*/*.jsonl', 'data/sft/*.jsonl',
+    package_data={'meditron_jax': ['xla_flags_gpu.txt', 'data/corpus/*/*.jsonl', 'data/sft/*.jsonl',
                                   'evaluate/samples/*/*', 'evaluate/samples/*/*/*']},
     install_requires=[
         # Ranges are the versions this code is tested with (see ../shared/STACK.md).
