@@ -32,6 +32,8 @@ _TRIP_COUNT = re.compile(r'known_trip_count"?:\{"n":"(\d+)"')
 _GROUPS_IOTA = re.compile(r'replica_groups=\[(\d+),(\d+)\]')
 _GROUPS_LIST = re.compile(r'replica_groups=\{\{([\d,]*)\}')
 _TARGET = re.compile(r'custom_call_target="([^"]+)"')
+_CONDITION = re.compile(r'condition=%?([\w.\-]+)')
+_SCALAR_INT = re.compile(r'^s(?:32|64)\[\]')
 
 
 @dataclasses.dataclass
@@ -44,7 +46,7 @@ class Collective:
 class HloStats:
     collectives: dict[str, Collective]        # per step, by kind
     custom_calls: dict[str, int]              # custom-call target -> calls per step
-    unknown_trip_counts: int                  # while loops counted once
+    unknown_trip_counts: int                  # while loops counted once (no trip count found)
 
     @property
     def fused_attention_calls(self) -> dict[str, int]:
@@ -75,11 +77,29 @@ def _collective_bytes(kind: str, op: str, result: str, rest: str) -> int:
     return sum(sizes)
 
 
+_UNKNOWN = -1
+
+
+def _trip_count_from_condition(condition, calls, constants, less_than) -> int | None:
+    """A scan's loop as XLA leaves it: ``i < N`` with i from 0 by 1 (the form lax.scan and
+    fori_loop lower to), N the one integer constant of the condition and what it calls."""
+    names, found, lt = [condition], [], False
+    while names:
+        name = names.pop()
+        found += constants.get(name, [])
+        lt |= name in less_than
+        names += [c for c, _ in calls.get(name, ())]
+    return found[0] if lt and len(found) == 1 and found[0] > 0 else None
+
+
 def parse(hlo_text: str) -> HloStats:
     """Per-step collectives and custom calls of an optimised HLO module's text."""
     ops: dict[str, list[tuple[str, int]]] = collections.defaultdict(list)   # computation -> ops
     calls: dict[str, list[tuple[str, int]]] = collections.defaultdict(list)  # -> (callee, times)
-    entry, current, unknown = None, None, 0
+    constants: dict[str, list[int]] = collections.defaultdict(list)   # scalar int constants
+    less_than: set[str] = set()            # computations with a '<' compare
+    unknown_whiles: list[tuple[str, str, list[str]]] = []
+    entry, current = None, None
     for line in hlo_text.splitlines():
         if current is None:
             if m := _COMPUTATION.match(line):
@@ -94,12 +114,19 @@ def parse(hlo_text: str) -> HloStats:
         if not m:
             continue
         result, op, rest = m.groups()
+        if op == 'constant' and _SCALAR_INT.match(result):
+            constants[current].append(int(rest.split(')', 1)[0]))
+        if op == 'compare' and 'direction=LT' in rest:
+            less_than.add(current)
         times = 1
         if op == 'while':
             if t := _TRIP_COUNT.search(rest):
                 times = int(t.group(1))
-            else:
-                unknown += 1
+            else:   # resolved from the condition below, once every computation is read
+                times = _UNKNOWN
+                unknown_whiles.append((current, _CONDITION.search(rest).group(1),
+                                       _CALLEES.findall(rest)))
+                continue
         # A while's only callee matched is its body (its condition holds no collectives).
         calls[current].extend((callee, times) for callee in _CALLEES.findall(rest))
         for group in _BRANCHES.findall(rest):
@@ -111,6 +138,11 @@ def parse(hlo_text: str) -> HloStats:
             ops[current].append(('custom-call:' + t.group(1), 0))
     if entry is None:
         raise ValueError('hlo_stats.parse: no ENTRY computation in the HLO text')
+    unknown = 0
+    for caller, condition, bodies in unknown_whiles:
+        times = _trip_count_from_condition(condition, calls, constants, less_than)
+        unknown += times is None
+        calls[caller].extend((body, times or 1) for body in bodies)
 
     times_run: dict[str, int] = collections.Counter()
 

@@ -385,6 +385,8 @@ def start_jax(target: targets.Target, num_devices: int) -> list:
     if target.platform == 'gpu':   # the cluster's flags: they change the program (STACK.md)
         os.environ['XLA_FLAGS'] = ' '.join([os.environ.get('XLA_FLAGS', '')]
                                            + targets.xla_flags_gpu()).strip()
+    if target.platform == 'tpu':   # compile only: no chips to guard, share libtpu with others
+        os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
     # The CUDA plugin and libtpu stay out of the backends (no driver, no TPU metadata server):
     # their compilers are reached through compile-only devices.
     jax.config.update('jax_platforms', 'cpu')
