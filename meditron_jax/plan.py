@@ -228,7 +228,8 @@ def _extrapolated_flops(config, cfg, mesh) -> float | None:
 
 
 def make_plan(config: ml_collections.ConfigDict, devices=None, xla_flops: bool = True,
-              target: targets.Target | None = None, flops_devices=None) -> Plan:
+              target: targets.Target | None = None, flops_devices=None,
+              hlo_out: str | None = None) -> Plan:
     """Compiles the config's train step for a mesh over ``devices`` (default: all) of ``target``
     (default cpu) and measures. ``flops_devices``: CPU devices for the FLOP-count compiles
     (default: ``devices`` on cpu, else the first CPU devices). For GPU targets XLA_FLAGS must
@@ -251,6 +252,10 @@ def make_plan(config: ml_collections.ConfigDict, devices=None, xla_flops: bool =
     compiled, abstract, batch = _compile_step(config, cfg, mesh, gbs)
     compile_sec = time.perf_counter() - start
     memory = compiled.memory_analysis()
+    hlo_text = compiled.as_text()
+    if hlo_out:
+        with open(hlo_out, 'w') as f:
+            f.write(hlo_text)
 
     param_bytes = _shard_bytes(abstract.params)
     # Analytic: a parameter is split over the mesh axes its table entry names; for the count we
@@ -292,7 +297,7 @@ def make_plan(config: ml_collections.ConfigDict, devices=None, xla_flops: bool =
         xla_alias_bytes=getattr(memory, 'alias_size_in_bytes', None),
         xla_temp_bytes=getattr(memory, 'temp_size_in_bytes', None),
         xla_peak_bytes=getattr(memory, 'peak_memory_in_bytes', None) or None,
-        hlo=hlo_stats.parse(compiled.as_text()),
+        hlo=hlo_stats.parse(hlo_text),
         attention_scores_bytes=b * heads_per_device * seq_len * seq_len * 4,
         residual_stream_bytes=cfg.num_layers * b * seq_len * cfg.hidden_size * compute_bytes,
         model_flops_per_step=cfg.flops_per_token(seq_len) * tokens_per_step / mesh.size,
@@ -302,51 +307,8 @@ def make_plan(config: ml_collections.ConfigDict, devices=None, xla_flops: bool =
 
 
 def report(plan: Plan, device_memory_gb: float, mfu: float) -> str:
-    gib = lambda n: f'{n / GiB:8.2f} GiB' if n is not None else '     n/a    '
-    tflop = lambda f: f'{f / 1e12:10.1f} TFLOP' if f is not None else '       n/a'
-    fused = plan.hlo.fused_attention_calls
-    lines = [
-        f'target {plan.target} ({plan.compiler}, {plan.device_kind}): mesh {plan.mesh} = '
-        f'{plan.num_devices} devices on {plan.hosts} host(s); '
-        f'{plan.micro_batch_per_device:g} sequences per device per micro-batch; '
-        f'remat={plan.remat}, attention={plan.attention}; compiled in {plan.compile_sec:.0f} s',
-        '',
-        'memory per device                  plan          analytic',
-        f'  parameters               {gib(plan.param_bytes)}   {gib(plan.analytic_param_bytes)}',
-        f'  optimizer state (Adam)   {gib(plan.opt_state_bytes)}   '
-        f'{gib(plan.analytic_opt_state_bytes)}',
-        f'  gradients                {gib(plan.grad_bytes)}   {gib(plan.analytic_param_bytes)}',
-        f'  activations + temporaries{gib(plan.activation_bytes)}   '
-        f'{gib(plan.residual_stream_bytes)}  (analytic: saved residual stream only)',
-    ]
-    if plan.attention == 'xla':
-        lines.append(f'     of which one layer\'s XLA attention scores (b,N,T,T) f32: '
-                     f'{plan.attention_scores_bytes / GiB:.2f} GiB (absent with a fused kernel)')
-    lines += [
-        f'  batch                    {gib(plan.batch_bytes)}',
-        f'  {plan.compiler}: arguments {gib(plan.xla_argument_bytes)}, outputs '
-        f'{gib(plan.xla_output_bytes)} (aliased {gib(plan.xla_alias_bytes)}), temporaries '
-        f'{gib(plan.xla_temp_bytes)}' + (f', its own peak {gib(plan.xla_peak_bytes)}'
-                                         if plan.xla_peak_bytes else ''),
-        f'  estimated peak           {gib(plan.peak_bytes)}   of {device_memory_gb:g} GiB',
-        '',
-        'collectives per step per device (count, bytes of the whole buffers)',
-        *(f'  {kind:15s}{c.count:8d}  {gib(c.bytes)}' for kind, c in plan.hlo.collectives.items()),
-        f'fused attention kernel: ' + (', '.join(f'{t} x{n}' for t, n in sorted(fused.items()))
-                                       if fused else 'none in the program'),
-        '',
-        'FLOPs per device per step',
-        f'  model (6N + attention, analytic){tflop(plan.model_flops_per_step)}',
-        f'  XLA:CPU, extrapolated (incl. remat){tflop(plan.xla_flops_per_step)}',
-        f'  {plan.compiler} cost_analysis raw   {tflop(plan.xla_flops_raw)}  '
-        f'(loop bodies counted once)',
-        '',
-        f'at {mfu:.0%} MFU of {plan.peak_flops_per_device / 1e12:g} TFLOP/s per device: '
-        f'{plan.step_time_sec(mfu):.2f} s a step, '
-        f'{plan.tokens_per_sec(mfu):,.0f} tokens/s '
-        f'({plan.tokens_per_step:,} tokens a step)',
-    ]
-    return '\n'.join(lines)
+    from meditron_jax import plan_report
+    return plan_report.report(plan, device_memory_gb, mfu)
 
 
 # -------------------------------------------------------------------------------- command
@@ -374,6 +336,9 @@ _SWEEP = flags.DEFINE_bool('sweep', False, 'Compile a grid of (micro-batch per d
 _SWEEP_MICRO = flags.DEFINE_list('sweep_micro_batches', [], 'Micro-batches per device for '
                                  '--sweep (default: the config\'s, half and double).',
                                  flag_values=FLAGS)
+_HLO_OUT = flags.DEFINE_string('hlo_out', None, 'Write the compiled step\'s optimised HLO text '
+                                'to this file (to read the program the target runs).',
+                                flag_values=FLAGS)
 _DEBUG = flags.DEFINE_bool('debug', False, 'Show the traceback of anticipated errors too '
                            '(also MEDITRON_DEBUG=1).', flag_values=FLAGS)
 
@@ -420,7 +385,8 @@ def main(argv):
             rows = plan_sweep.sweep(config, devices, target, micro, xla_flops=_XLA_FLOPS.value)
             print(plan_sweep.table(rows, memory_gb, HEADROOM_GIB), flush=True)
             return 0
-        plan = make_plan(config, devices, xla_flops=_XLA_FLOPS.value, target=target)
+        plan = make_plan(config, devices, xla_flops=_XLA_FLOPS.value, target=target,
+                         hlo_out=_HLO_OUT.value)
     except ValueError as e:  # name where the device count came from in mesh / batch errors
         if cli.one_line(e) is None:
             raise

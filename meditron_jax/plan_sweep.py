@@ -29,22 +29,22 @@ class Row:
 
 
 def grid(config: ml_collections.ConfigDict, num_devices: int,
-         micro_batches: list[float] | None) -> list[tuple[float, int]]:
-    """(micro-batch per device, grad_accum_steps) pairs that divide the global batch: the given
-    micro-batches, else the config's, its half and its double."""
+         micro_batches: list[float] | None) -> list[tuple[int, int]]:
+    """(micro-batch per device, grad_accum_steps) pairs whose micro-batch divides the global
+    batch: the given micro-batches, else 1 to 8 and the config's."""
     gbs = int(config.data.global_batch_size)
     dp = _data_parallel(config, num_devices)
     if micro_batches is None:
-        b = gbs / int(config.optim.grad_accum_steps) / dp
-        micro_batches = [b / 2, b, 2 * b]
+        config_b = gbs / int(config.optim.grad_accum_steps) / dp
+        micro_batches = sorted({*range(1, 9), config_b})
     pairs = []
     for b in micro_batches:
-        rows = b * dp
-        if rows >= 1 and rows == int(rows) and gbs % int(rows) == 0:
-            pairs.append((b, gbs // int(rows)))
+        if b >= 1 and b == int(b) and gbs % (int(b) * dp) == 0:
+            pairs.append((int(b), gbs // (int(b) * dp)))
     if not pairs:
-        raise ValueError(f'--sweep_micro_batches={micro_batches}: none gives a micro-batch that '
-                         f'divides data.global_batch_size={gbs} over {dp} data-parallel devices')
+        raise ValueError(f'--sweep_micro_batches={micro_batches}: none gives a whole number of '
+                         f'sequences per device whose micro-batch divides '
+                         f'data.global_batch_size={gbs} over {dp} data-parallel devices')
     return sorted(set(pairs))
 
 
