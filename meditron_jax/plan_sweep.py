@@ -4,8 +4,10 @@ fastest point that fits marked.
 
 "Fastest" is the fewest hardware FLOPs per step (XLA:CPU's count of the unrolled step, so
 rematerialised recomputation included): every point trains the same tokens with the same model
-FLOPs, and recomputation is the cost that differs. Among equals the larger micro-batch wins
-(larger matmuls, fewer accumulation steps).
+FLOPs, and recomputation is the cost that differs. FLOPs within 1% count as equal, and among
+equals the larger micro-batch wins: larger matmuls, and with fsdp each micro-batch gathers the
+parameters again (forward and backward), so fewer micro-batches move fewer bytes (the
+collectives column).
 """
 
 from __future__ import annotations
@@ -75,16 +77,19 @@ def best(rows: list[Row], memory_gb: float, headroom_gb: float) -> Row | None:
             and r.plan.peak_bytes <= (memory_gb - headroom_gb) * GiB]
     if not fits:
         return None
-    return min(fits, key=lambda r: (r.plan.xla_flops_per_step or r.plan.model_flops_per_step,
-                                    -r.micro_batch_per_device))
+    flops = lambda r: r.plan.xla_flops_per_step or r.plan.model_flops_per_step
+    fewest = min(flops(r) for r in fits)
+    return min(fits, key=lambda r: (flops(r) > 1.01 * fewest, -r.micro_batch_per_device, flops(r)))
 
 
 def table(rows: list[Row], memory_gb: float, headroom_gb: float) -> str:
     chosen = best(rows, memory_gb, headroom_gb)
     lines = [f'sweep: memory per device (limit {memory_gb:g} GiB - {headroom_gb:g} GiB headroom) '
              f'and FLOPs per device per step',
-             '  micro  accum  remat                peak GiB   TFLOP (incl. remat)  recompute',
-             '  -----  -----  ------------------  ---------  -------------------  ---------']
+             '  micro  accum  remat                peak GiB   TFLOP (incl. remat)  recompute  '
+             'collectives GiB',
+             '  -----  -----  ------------------  ---------  -------------------  ---------  '
+             '---------------']
     for r in rows:
         if r.plan is None:
             lines.append(f'  {r.micro_batch_per_device:5g}  {r.grad_accum_steps:5d}  '
@@ -94,12 +99,14 @@ def table(rows: list[Row], memory_gb: float, headroom_gb: float) -> str:
         flops = p.xla_flops_per_step
         extra = f'{flops / p.model_flops_per_step - 1:+8.0%}' if flops else '     n/a'
         fits = p.peak_bytes <= (memory_gb - headroom_gb) * GiB
+        comm = sum(c.bytes for c in p.hlo.collectives.values())
         mark = '  <- fastest that fits' if r is chosen else ('' if fits else '  (over)')
         lines.append(f'  {r.micro_batch_per_device:5g}  {r.grad_accum_steps:5d}  {r.remat:18s}  '
                      f'{p.peak_bytes / GiB:9.2f}  '
                      + (f'{flops / 1e12:19.1f}' if flops else f'{"n/a":>19s}')
-                     + f'  {extra}{mark}')
+                     + f'  {extra}  {comm / GiB:15.1f}{mark}')
     if chosen is None:
         lines.append('no point fits')
-    lines.append('recompute: hardware FLOPs over the analytic model FLOPs (6N + attention)')
+    lines.append('recompute: hardware FLOPs over the analytic model FLOPs (6N + attention); '
+                 'collectives: all-gather + reduce-scatter + all-reduce bytes per step')
     return '\n'.join(lines)

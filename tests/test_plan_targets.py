@@ -197,3 +197,29 @@ def test_tpu_slices_are_the_most_cubic_power_of_two():
     with pytest.raises(targets.TargetError, match='power of two'):
         targets.tpu_topology_shape(v5p, 24)
     assert np.prod(targets.tpu_topology_shape(v5p, 512)) == 512
+
+
+@pytest.mark.slow
+def test_sweep_marks_the_fewest_flops_that_fit_preferring_larger_micro_batches():
+    """Same tokens a step at every point: full remat costs recompute FLOPs and saves memory;
+    without remat, 2 sequences a device in 1 micro-batch beats 1 in 2 (same FLOPs)."""
+    from meditron_jax import plan_sweep
+    from tests.test_plan import tiny_config
+    config = tiny_config(1, 8, 1)
+    config.data.global_batch_size = 16
+    rows = plan_sweep.sweep(config, jax.devices()[:8], targets.get('cpu'), [1, 2],
+                            remats=['none', 'full'])
+    by = {(r.micro_batch_per_device, r.remat): r for r in rows}
+    assert set(by) == {(1, 'none'), (1, 'full'), (2, 'none'), (2, 'full')}
+    assert [by[1, 'none'].grad_accum_steps, by[2, 'none'].grad_accum_steps] == [2, 1]
+    for b in (1, 2):
+        assert by[b, 'full'].plan.xla_flops_per_step > 1.02 * by[b, 'none'].plan.xla_flops_per_step
+    assert plan_sweep.best(rows, 80, 3) is by[2, 'none']
+    # A limit between the points: the fastest that still fits.
+    limit_gib = by[2, 'none'].plan.peak_bytes / 2 ** 30 - 1e-6 + 3
+    chosen = plan_sweep.best(rows, limit_gib, 3)
+    assert chosen is not by[2, 'none'] and chosen.plan.peak_bytes <= by[2, 'none'].plan.peak_bytes
+    table = plan_sweep.table(rows, 80, 3)
+    assert table.count('<- fastest that fits') == 1
+    assert plan_sweep.best(rows, 3.0000001, 3) is None
+    assert 'no point fits' in plan_sweep.table(rows, 3.0000001, 3)
