@@ -387,6 +387,13 @@ def main(argv):
             return 0
         plan = make_plan(config, devices, xla_flops=_XLA_FLOPS.value, target=target,
                          hlo_out=_HLO_OUT.value)
+    except jax.errors.JaxRuntimeError as e:
+        if 'RESOURCE_EXHAUSTED' not in str(e):
+            raise
+        # XLA:TPU refuses to compile a program over the chip's HBM: that is the plan's answer.
+        print(f'DOES NOT FIT: {target.compiler} could not compile the step into '
+              f'{target.name} memory: {str(e).splitlines()[0]}', file=sys.stderr, flush=True)
+        return 1
     except ValueError as e:  # name where the device count came from in mesh / batch errors
         if cli.one_line(e) is None:
             raise
