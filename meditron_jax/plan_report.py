@@ -36,7 +36,7 @@ def report(plan, device_memory_gb: float, mfu: float) -> str:
         '',
         'collectives per step per device (count, bytes of the whole buffers)',
         *(f'  {kind:15s}{c.count:8d}  {gib(c.bytes)}' for kind, c in plan.hlo.collectives.items()),
-        f'fused attention kernel: ' + (', '.join(f'{t} x{n}' for t, n in sorted(fused.items()))
+        'fused attention kernel: ' + (', '.join(f'{t} x{n}' for t, n in sorted(fused.items()))
                                        if fused else 'none in the program'),
         '',
         'FLOPs per device per step',

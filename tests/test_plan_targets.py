@@ -96,7 +96,6 @@ from meditron_jax import plan, targets
 target = targets.get({target!r})
 devices = plan.start_jax(target, {num_devices})
 from configs import debug
-from meditron_jax import cli
 config = debug.get_config()
 for o in {list(overrides)!r}:
     key, value = o.split('=')
