@@ -222,3 +222,13 @@ def test_sweep_marks_the_fewest_flops_that_fit_preferring_larger_micro_batches()
     assert table.count('<- fastest that fits') == 1
     assert plan_sweep.best(rows, 3.0000001, 3) is None
     assert 'no point fits' in plan_sweep.table(rows, 3.0000001, 3)
+
+
+def test_gpu_env_exports_exactly_the_flags_the_plan_compiles_with():
+    out = subprocess.run(['bash', '-c', 'source launch/gpu_env.sh && echo "$XLA_FLAGS"'],
+                         cwd=REPO, env=dict(os.environ, XLA_FLAGS=''), capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    flags = targets.xla_flags_gpu()
+    assert out.stdout.split() == flags
+    assert '--xla_gpu_enable_pipelined_all_gather=true' in flags and len(flags) == 10
