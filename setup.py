@@ -6,7 +6,7 @@ setup(
     description='Continued pretraining of Llama-2 on medical text, in JAX/Flax',
     python_requires='>=3.11',
     packages=find_packages(include=['meditron_jax', 'meditron_jax.*', 'configs']),
-    package_data={'meditron_jax': ['data/corpus/*/*.jsonl', 'data/sft/*.jsonl',
+    package_data={'meditron_jax': ['xla_flags_gpu.txt', 'data/corpus/*/*.jsonl', 'data/sft/*.jsonl',
                                   'evaluate/samples/*/*', 'evaluate/samples/*/*/*']},
     install_requires=[
         # Ranges are the versions this code is tested with (see ../shared/STACK.md).
@@ -30,6 +30,13 @@ setup(
         'torch': ['torch>=2.5', 'safetensors>=0.4', 'transformers>=4.45'],  # skip_data: 2.5+
         'dev': ['pytest>=8', 'pytest-xdist>=3.5'],
         'gpu': ['jax[cuda12]>=0.10.2,<0.11'],
+        # meditron-plan --target h100/a100 on a machine without a GPU: XLA:GPU (the CUDA PJRT
+        # plugin) and cuDNN, which jax needs to emit fused attention (it brings cuBLAS and
+        # NVRTC as its own dependencies). ~1.4 GB of wheels, +2.1 GB installed; the full
+        # jax[cuda12] is ~5.5 GB.
+        'plan-gpu': ['jax-cuda12-plugin==0.10.2', 'nvidia-cudnn-cu12>=9.8,<10'],
+        # TPU VMs (meditron-train) and meditron-plan --target tpu-*: libtpu (+0.7 GB).
+        'tpu': ['jax[tpu]==0.10.2'],
     },
     entry_points={
         'console_scripts': [

@@ -60,8 +60,18 @@ def load(path: str | os.PathLike, mesh=None) -> Model:
 
     ``mesh``: place params with model.param_shardings on it (default: the first device).
     """
+    model = _load(os.fspath(path), mesh)
+    # The attention that runs where the params live (cudnn on gpu, splash on tpu), said once.
+    import jax
+    from meditron_jax import model as model_lib, sharding
+    platform = jax.devices()[0].platform if mesh is None else sharding.mesh_platform(mesh)
+    model.config = model.config.replace(attention=model_lib.resolve_attention(
+        model.config.attention, model.config.compute_dtype, platform))
+    return model
+
+
+def _load(path: str, mesh) -> Model:
     from meditron_jax import params_checkpoint
-    path = os.fspath(path)
     if params_checkpoint.is_params_checkpoint(path):
         params, cfg = params_checkpoint.load_params(path, mesh=mesh)
         meta = params_checkpoint.read_metadata(path)

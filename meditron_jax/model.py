@@ -30,6 +30,8 @@ by the converters.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 from typing import Any
 
@@ -131,25 +133,70 @@ _warned_attention: set[str] = set()
 _CUDNN_DTYPES = ('bfloat16', 'float16')
 
 
-def resolve_attention(implementation: str, dtype=jnp.bfloat16) -> str:
-    """The implementation to run: 'cudnn' only on a gpu backend with a bfloat16/float16 compute
-    dtype (cuDNN flash attention rejects float32), else 'xla' with a logged warning (once per
-    reason)."""
-    if implementation != 'cudnn':
-        return implementation
-    reason = None
-    if jnp.dtype(dtype).name not in _CUDNN_DTYPES:
-        reason = (f'the compute dtype is {jnp.dtype(dtype).name}, and cuDNN flash attention '
-                  f'needs one of {_CUDNN_DTYPES}')
-    elif jax.default_backend() != 'gpu':
-        reason = f'the backend is {jax.default_backend()!r}, not gpu'
-    if reason is None:
-        return 'cudnn'
+_COMPILE_PLATFORM: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    'compile_platform', default=None)
+
+
+@contextlib.contextmanager
+def compile_platform(platform: str):
+    """Traces inside see ``platform`` as the one they compile for: a planning process compiles
+    for compile-only GPUs or TPUs while its backend is 'cpu' (and a mesh's devices cannot be
+    read inside jit)."""
+    token = _COMPILE_PLATFORM.set(platform)
+    try:
+        yield
+    finally:
+        _COMPILE_PLATFORM.reset(token)
+
+
+def current_platform() -> str:
+    """The platform being compiled for: ``compile_platform``'s, else the default backend's."""
+    return _COMPILE_PLATFORM.get() or jax.default_backend()
+
+
+def _fall_back(implementation: str, reason: str) -> str:
     if reason not in _warned_attention:
-        log.warning('attention=cudnn asked for but %s: falling back to the xla '
-                    'implementation', reason)
+        log.warning('attention=%s asked for but %s: falling back to the xla implementation',
+                    implementation, reason)
         _warned_attention.add(reason)
     return 'xla'
+
+
+def resolve_attention(implementation: str, dtype=jnp.bfloat16, platform: str | None = None) -> str:
+    """The implementation to run on ``platform`` ('cpu', 'gpu', 'tpu'; None: ``current_platform()``,
+    the default backend unless inside ``compile_platform``).
+
+    'cudnn' only on gpu with a bfloat16/float16 compute dtype (cuDNN flash attention rejects
+    float32); on tpu a 'cudnn' config runs the Pallas 'splash' kernel instead (said in the log);
+    'splash' only on tpu. Anything else falls back to 'xla' with a logged warning, once per
+    reason. Call it where the mesh is known (train, plan, load) so that the config names what
+    runs; ``attention()`` calls it again at trace time, which changes nothing then."""
+    platform = current_platform() if platform is None else platform
+    if implementation == 'cudnn' and platform == 'tpu':
+        if 'splash' not in ATTENTION_IMPLEMENTATIONS:
+            return _fall_back(implementation, 'the platform is tpu and this build has no '
+                              'splash attention')
+        if 'cudnn->splash' not in _warned_attention:
+            log.info('attention=cudnn on tpu: running the Pallas splash attention kernel '
+                     '(attention=splash) instead')
+            _warned_attention.add('cudnn->splash')
+        return 'splash'
+    if implementation == 'splash' and platform != 'tpu':
+        return _fall_back(implementation, f'the platform is {platform!r}, not tpu')
+    if implementation != 'cudnn':
+        return implementation
+    if jnp.dtype(dtype).name not in _CUDNN_DTYPES:
+        return _fall_back(implementation, f'the compute dtype is {jnp.dtype(dtype).name}, and '
+                          f'cuDNN flash attention needs one of {_CUDNN_DTYPES}')
+    if platform != 'gpu':
+        return _fall_back(implementation, f'the backend is {platform!r}, not gpu')
+    return 'cudnn'
+
+
+def resolve_config_attention(cfg: LlamaConfig, mesh) -> LlamaConfig:
+    """``cfg`` with the attention that runs on the platform of ``mesh``'s devices."""
+    return cfg.replace(attention=resolve_attention(cfg.attention, cfg.compute_dtype,
+                                                   sharding.mesh_platform(mesh)))
 
 
 def attention(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array,

@@ -88,6 +88,11 @@ def make_mesh(mesh_config: Mapping[str, int], devices: Sequence[jax.Device] | No
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=auto)
 
 
+def mesh_platform(mesh: Mesh) -> str:
+    """'cpu', 'gpu' or 'tpu': what the mesh's devices are (compile-only ones included)."""
+    return mesh.devices.flat[0].platform
+
+
 def logical_to_spec(names: Sequence[str | None] | None) -> P:
     """PartitionSpec for a tuple of logical names; unknown names raise ShardingError."""
     if names is None:

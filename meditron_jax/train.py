@@ -48,8 +48,13 @@ def model_config(config: ml_collections.ConfigDict) -> model.LlamaConfig:
     return model.LlamaConfig(**config.model.to_dict())
 
 
-def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
-    """Checks that cut across sections, with the keys named."""
+def validate_config(config: ml_collections.ConfigDict, mesh, local_devices=None,
+                    num_processes: int | None = None) -> None:
+    """Checks that cut across sections, with the keys named. ``local_devices`` /
+    ``num_processes``: this process's devices and the process count (default: JAX's); the
+    planner passes the cluster's (its compile-only devices know their host)."""
+    local_devices = jax.local_devices() if local_devices is None else local_devices
+    num_processes = jax.process_count() if num_processes is None else num_processes
     gbs, k = int(config.data.global_batch_size), int(config.optim.grad_accum_steps)
     dp = sharding.data_parallel_size(mesh)
     if k < 1 or gbs % k:
@@ -58,15 +63,15 @@ def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
         raise ValueError(f'the micro-batch data.global_batch_size / optim.grad_accum_steps = '
                          f'{gbs // k} must be a multiple of the data-parallel size {dp} '
                          f'(mesh.data x mesh.fsdp)')
-    if gbs % jax.process_count():
+    if gbs % num_processes:
         raise ValueError(f'data.global_batch_size={gbs} must divide over '
-                         f'{jax.process_count()} processes')
+                         f'{num_processes} processes')
     # Each process feeds the rows its devices hold: they must be an equal, distinct share.
     # (A 'tensor' axis spanning hosts would make two processes hold the same rows.)
-    num_local = sharding.local_batch_rows(mesh, gbs, jax.local_devices())
-    if num_local != gbs // jax.process_count():
+    num_local = sharding.local_batch_rows(mesh, gbs, local_devices)
+    if num_local != gbs // num_processes:
         raise ValueError(f'mesh {dict(mesh.shape)}: this process\'s devices hold {num_local} of '
-                         f'the {gbs} batch rows, not {gbs // jax.process_count()} (an equal '
+                         f'the {gbs} batch rows, not {gbs // num_processes} (an equal '
                          f'share): keep the tensor axis within a host (mesh.tensor <= devices per '
                          f'host) so the batch axes split across processes')
     for key in ('train.steps', 'train.log_every', 'checkpoint.every'):
@@ -165,8 +170,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise cli.ConfigError(f'--workdir={workdir} is a file; expected a directory (created '
                               f'when missing)')
-    cfg = model_config(config)
     mesh = sharding.make_mesh(config.mesh)
+    cfg = model.resolve_config_attention(model_config(config), mesh)  # cudnn on gpu, splash on tpu
     validate_config(config, mesh)
     if config.train.init_from and not init_from.has_steps(workdir):  # a resume does not use it
         init_from.check(config.train.init_from, cfg)  # before data preparation (hours)

@@ -8,6 +8,10 @@ import sys
 # in and out of process are the same.
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_backend_optimization_level=0').strip()
+# CPU only, also in the subprocesses tests start: with the plan-gpu / tpu extras installed the
+# CUDA plugin would look for a driver and libtpu for TPU chips (meditron-plan reaches their
+# compilers through compile-only devices).
+os.environ['JAX_PLATFORMS'] = 'cpu'
 import jax  # noqa: E402
 
 jax.config.update('jax_num_cpu_devices', 8)
