@@ -55,19 +55,17 @@ def platform() -> str:
     return device.platform if device is not None else jax.default_backend()
 
 
-@functools.lru_cache(maxsize=32)
 def _kernel(num_heads: int, seq_len: int, interpret: bool):
-    """The splash kernel for one sequence of ``num_heads`` query heads (block tables built by
-    numpy once per shape, not once per layer)."""
+    """The splash kernel for one sequence of ``num_heads`` query heads, built at each trace: its
+    block tables are arrays of the trace that made them (jax caches the numpy mask processing
+    per shape, so rebuilding costs little)."""
     b = block_size(seq_len)
     blocks = splash.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b,
                                block_kv_dkv=b, block_kv_dkv_compute=b, block_q_dq=b,
                                block_kv_dq=b)
     mask = splash.MultiHeadMask([splash.CausalMask((seq_len, seq_len))] * num_heads)
-    # Concrete block tables (not tracers of whichever jit first asked), so the cache can hold them.
-    with jax.ensure_compile_time_eval():
-        return splash.make_splash_mha(mask, block_sizes=blocks, head_shards=1, q_seq_shards=1,
-                                      interpret=interpret)
+    return splash.make_splash_mha(mask, block_sizes=blocks, head_shards=1, q_seq_shards=1,
+                                  interpret=interpret)
 
 
 def _local_attention(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array,

@@ -2,6 +2,7 @@
 CPU (forward and gradients; causal, several packed documents a row, padding, GQA; alone, under
 a mesh through shard_map, and inside the model), and compiled for a TPU v5p slice with libtpu."""
 
+import os
 import re
 
 import jax
@@ -105,6 +106,10 @@ def test_config_accepts_splash_and_names_the_choices_for_a_typo():
 
 def _v5p_mesh():
     pytest.importorskip('libtpu', reason="libtpu is not installed (pip install -e '.[tpu]')")
+    # libtpu takes a machine-wide lock file unless told otherwise: parallel test workers (or a
+    # meditron-plan run) would fail with "Internal error when accessing libtpu multi-process
+    # lockfile". Read when the TPU plugin loads, which is here (JAX runs on cpu in tests).
+    os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
     from jax.experimental import topologies
     topo = topologies.get_topology_desc(platform='tpu', topology_name='v5p:2x2x2',
                                         chip_config_name='default',
