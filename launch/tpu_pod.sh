@@ -22,7 +22,8 @@
 # VM metadata server itself (no coordinator flag). The mesh in the config spans all chips.
 # Preemption: the VM's shutdown sends SIGTERM; meditron-train finishes the step, saves a
 # checkpoint to WORKDIR and exits 0, as on SLURM. Run this script again: a PREEMPTED slice is
-# deleted and recreated, and training resumes from the latest checkpoint.
+# deleted and recreated, and training resumes from the latest checkpoint. A Spot VM's notice is
+# about 30 s: too short for a 70B step and save, so set checkpoint.every from the work you can lose.
 # meditron-train runs under nohup with its pid in ~/meditron-train.pid and its output in
 # ~/meditron-train.log on each worker; this script follows the log, and a dropped connection
 # does not stop the run. To stop it (it saves first):

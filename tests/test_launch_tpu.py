@@ -4,7 +4,7 @@ here: `gcloud` is a stand-in on PATH that records its arguments and runs `tpu-vm
 --worker=all --command` in one shell per fake worker home (as the real one runs it on each TPU
 VM), and each worker's venv holds stand-ins for pip and meditron-train (which prints what it was
 given). The real script runs unchanged; the no-argument jax.distributed.initialize() it relies
-on is checked in test_auto_distributed_* below, against the real JAX."""
+on is checked below, against the real JAX."""
 
 import json
 import os
@@ -127,7 +127,7 @@ def test_a_failing_worker_fails_the_launch_and_a_missing_config_is_refused(tmp_p
 
 
 AUTO_INIT = '''
-import json, sys
+import json
 from meditron_jax import train
 try:
     train.maybe_initialize_distributed()
@@ -136,15 +136,20 @@ except ValueError as e:
 '''
 
 
-@pytest.mark.parametrize('value,message', [
-    ('auto', 'MEDITRON_DISTRIBUTED=auto, but JAX found no TPU slice or cluster to join'),
-    ('yes', "MEDITRON_DISTRIBUTED='yes': expected 'auto'"),
-])
-def test_auto_distributed_calls_jax_discovery_and_names_the_variable(value, message):
-    # Off a TPU VM (and outside any cluster JAX knows), the real discovery finds nothing.
+def test_auto_distributed_calls_jax_discovery_and_says_when_it_finds_nothing():
+    # Off a TPU VM (and outside any cluster JAX knows), the real discovery finds nothing. In a
+    # subprocess: a failed jax.distributed.initialize must not leave state in the test process.
     env = {k: v for k, v in os.environ.items() if not k.startswith(('SLURM_', 'MEDITRON_'))}
     done = subprocess.run([sys.executable, '-c', AUTO_INIT], cwd=REPO, capture_output=True,
                           text=True, timeout=120,
-                          env=dict(env, MEDITRON_DISTRIBUTED=value, JAX_PLATFORMS='cpu'))
+                          env=dict(env, MEDITRON_DISTRIBUTED='auto', JAX_PLATFORMS='cpu'))
     assert done.returncode == 0, done.stderr[-2000:]
-    assert message in json.loads(done.stdout.strip().splitlines()[-1])
+    message = json.loads(done.stdout.strip().splitlines()[-1])
+    assert 'MEDITRON_DISTRIBUTED=auto, but JAX found no TPU slice or cluster to join' in message
+
+
+def test_an_unknown_distributed_mode_is_refused_naming_the_variable(monkeypatch):
+    from meditron_jax import train
+    monkeypatch.setenv('MEDITRON_DISTRIBUTED', 'yes')
+    with pytest.raises(ValueError, match="MEDITRON_DISTRIBUTED='yes': expected 'auto'"):
+        train.maybe_initialize_distributed()

@@ -70,6 +70,9 @@ def test_splash_under_a_mesh_runs_per_shard_with_the_same_values():
         attention = lambda q, k, v, seg: model.attention(q, k, v, seg, 'splash')
         got, got_grads = _values_and_grads(attention, *args)
         hlo = jax.jit(attention).lower(*args).as_text()
+        jaxpr = str(jax.make_jaxpr(attention)(*args))
+    # The kernel ran (interpreted, on CPU), per shard: not a fallback to the xla attention.
+    assert 'pallas_call' in jaxpr and 'shard_map' in jaxpr
     assert 'shard_map' in hlo or 'sdy.manual_computation' in hlo
     _assert_close(got, want, 'output')
     for name, g, w in zip('qkv', got_grads, want_grads):
@@ -85,8 +88,12 @@ def test_model_with_splash_attention_gives_the_xla_logits():
     positions = jnp.concatenate([jnp.arange(100), jnp.arange(100), jnp.arange(T - 200)])
     positions = jnp.broadcast_to(positions, tokens.shape)
     with jax.set_mesh(mesh):
-        logits = {impl: jax.jit(lambda p, c=cfg.replace(attention=impl): model.forward(
-            p, c, tokens, positions, segments))(params) for impl in ('xla', 'splash')}
+        forward = {impl: lambda p, c=cfg.replace(attention=impl): model.forward(
+            p, c, tokens, positions, segments) for impl in ('xla', 'splash')}
+        logits = {impl: jax.jit(f)(params) for impl, f in forward.items()}
+        kernels = {impl: 'pallas_call' in str(jax.make_jaxpr(f)(params))
+                   for impl, f in forward.items()}
+    assert kernels == dict(xla=False, splash=True)
     np.testing.assert_allclose(logits['splash'], logits['xla'], rtol=0, atol=1e-5)
 
 
