@@ -107,19 +107,10 @@ def splash_attention(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array,
     heads = sharding.logical_to_spec(('batch', 'length', 'act_heads', None))
     kv_heads = sharding.logical_to_spec(('batch', 'length', 'act_kv_heads', None))
     rows = sharding.logical_to_spec(('batch', 'length'))
-    _check_divides(mesh, heads, q_BxTxNxH.shape, 'q')
-    _check_divides(mesh, kv_heads, k_BxSxKxH.shape, 'k/v')
+    # shard_map needs whole shards: name the dimension and mesh axes that do not divide.
+    sharding.check_divisible("attention='splash' q", q_BxTxNxH.shape, heads, mesh)
+    sharding.check_divisible("attention='splash' k/v", k_BxSxKxH.shape, kv_heads, mesh)
     sharded = jax.shard_map(local, mesh=mesh, in_specs=(heads, kv_heads, kv_heads, rows),
                             out_specs=heads, check_vma=False)
     return sharded(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, segment_ids_BxT)
 
-
-def _check_divides(mesh, spec, shape, what: str) -> None:
-    """shard_map needs whole shards: name the dimension and mesh axes that do not divide."""
-    for dim, axes in zip(shape, tuple(spec)):
-        axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
-        size = int(np.prod([mesh.shape[a] for a in axes]))
-        if dim % size:
-            raise ValueError(f"attention='splash': {what} of shape {tuple(shape)} has a "
-                             f'dimension {dim} split over mesh axes {axes} of size {size}, '
-                             f'which does not divide it (mesh {dict(mesh.shape)})')

@@ -105,6 +105,14 @@ def test_sequence_length_not_a_multiple_of_128_is_refused_naming_the_fix():
     assert splash.block_size(2048) == 512 and splash.block_size(384) == 384
 
 
+def test_a_batch_the_mesh_does_not_divide_is_refused_naming_the_axes():
+    q, k, v, seg = _inputs()
+    mesh = sharding.make_mesh(dict(data=1, fsdp=4, tensor=2), jax.devices())
+    with jax.set_mesh(mesh), pytest.raises(ValueError, match=(
+            r"attention='splash' q: dimension 2 .* mesh axes \('data', 'fsdp'\) of size 4")):
+        jax.jit(lambda *a: splash.splash_attention(*a, interpret=True))(q, k, v, seg)
+
+
 def test_config_accepts_splash_and_names_the_choices_for_a_typo():
     assert model.preset('tiny', attention='splash').attention == 'splash'
     with pytest.raises(ValueError, match=r"attention='splsh'.*'splash'"):
