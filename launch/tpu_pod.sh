@@ -95,6 +95,11 @@ git -C "$REPO" ls-files -z | tar -C "$REPO" --null -T - -czf "$archive"
 #    once by the remote shell.
 train_cmd="$(printf '%q ' meditron-train --config "$CONFIG" --workdir "$WORKDIR" "$@")"
 remote="set -e
+if [ -f ~/meditron-train.pid ] && kill -0 \$(cat ~/meditron-train.pid) 2>/dev/null; then
+  echo \"meditron-train is already running on \$(hostname) (pid \$(cat ~/meditron-train.pid));\" \\
+       \"stop it first: kill -TERM \$(cat ~/meditron-train.pid)\" >&2
+  exit 1
+fi
 mkdir -p ~/$REMOTE_DIR && tar -xzf ~/meditron-code.tar.gz -C ~/$REMOTE_DIR && cd ~/$REMOTE_DIR
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/pip install -q -e '.[tpu]'

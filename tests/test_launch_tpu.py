@@ -126,6 +126,15 @@ def test_a_failing_worker_fails_the_launch_and_a_missing_config_is_refused(tmp_p
     assert out.returncode == 2 and 'CONFIG=configs/nope.py: no such file' in out.stderr
 
 
+def test_a_run_still_going_on_a_worker_is_not_started_twice(tmp_path):
+    fake = _pod(tmp_path)
+    (fake / 'worker0' / 'meditron-train.pid').write_text(f'{os.getpid()}\n')  # a live process
+    out, _ = _launch(fake, *ARGS, state='READY')
+    assert out.returncode == 1
+    assert 'meditron-train is already running on ' in out.stderr and str(os.getpid()) in out.stderr
+    assert 'worker worker0' not in out.stdout
+
+
 AUTO_INIT = '''
 import json
 from meditron_jax import train
