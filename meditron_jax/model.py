@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from meditron_jax import sharding
+from meditron_jax import sharding, splash
 # The shape and presets live in model_config.py; model.LlamaConfig etc. stay the names to use.
 from meditron_jax.model_config import (  # noqa: F401
     ATTENTION_IMPLEMENTATIONS, PRESETS, REMAT_POLICIES, LlamaConfig, preset)
@@ -202,6 +202,8 @@ def resolve_config_attention(cfg: LlamaConfig, mesh) -> LlamaConfig:
 def attention(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array,
               segment_ids_BxT: Array | None, implementation: str = 'xla') -> Array:
     """Causal grouped-query attention; with segment ids, no token attends across documents."""
+    if implementation == 'splash':  # the TPU kernel; interpret mode when not compiling for TPU
+        return splash.splash_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, segment_ids_BxT)
     mask = None
     if segment_ids_BxT is not None:
         mask = (segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :])[:, None]
@@ -217,6 +219,8 @@ def cached_attention(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array,
     triangle top-left, which is wrong for fewer queries than keys (one query in a decode step)."""
     slots_S = jnp.arange(k_BxSxKxH.shape[1])
     mask_Bx1xTxS = (slots_S[None, None, :] <= positions_BxT[:, :, None])[:, None]
+    if implementation == 'splash':  # the kernel is self-attention over whole 128-blocks only
+        implementation = 'xla'
     return jax.nn.dot_product_attention(
         q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask_Bx1xTxS,
         implementation=resolve_attention(implementation, q_BxTxNxH.dtype))
@@ -441,7 +445,8 @@ def cross_entropy(logits_BxTxV: Array, targets_BxT: Array, weights_BxT: Array
 
 def _boxed_init(cfg: LlamaConfig, rng: Array):
     tokens = jnp.zeros((1, 8), jnp.int32)
-    return Llama(cfg).init(rng, tokens)['params']
+    # The parameters do not depend on the attention kernel; splash needs 128-token blocks.
+    return Llama(cfg.replace(attention='xla')).init(rng, tokens)['params']
 
 
 def param_specs(cfg: LlamaConfig) -> tuple[Any, Any]:

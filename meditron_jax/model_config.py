@@ -14,7 +14,7 @@ REMAT_POLICIES = {
     'save_dots': jax.checkpoint_policies.dots_saveable,
     'save_dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
-ATTENTION_IMPLEMENTATIONS = ('xla', 'cudnn')
+ATTENTION_IMPLEMENTATIONS = ('xla', 'cudnn', 'splash')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,7 +34,8 @@ class LlamaConfig:
     compute_dtype: str = 'float32'    # matmuls and activations; 'bfloat16' for real runs
     scan_layers: bool = True          # one compiled block over stacked parameters
     remat: str = 'none'               # one of REMAT_POLICIES
-    attention: str = 'xla'            # 'xla' everywhere, 'cudnn' fused flash attention on GPU
+    attention: str = 'xla'            # 'xla' everywhere, 'cudnn' fused flash attention on GPU,
+                                      # 'splash' the Pallas flash kernel on TPU (splash.py)
 
     def __post_init__(self):
         errors = []

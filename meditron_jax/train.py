@@ -90,7 +90,14 @@ def validate_config(config: ml_collections.ConfigDict, mesh, local_devices=None,
 
 def maybe_initialize_distributed(coordinator: str = '', num_processes: int = 0,
                                  process_id: int = -1) -> None:
-    """Joins a multi-process job: explicit coordinator flags/env, or SLURM's variables."""
+    """Joins a multi-process job: explicit coordinator flags/env, SLURM's variables, or with
+    MEDITRON_DISTRIBUTED=auto (launch/tpu_pod.sh sets it on every TPU VM worker) whatever JAX
+    discovers itself: on a TPU slice the coordinator, process count and id come from the TPU
+    VM's metadata server."""
+    auto = os.environ.get('MEDITRON_DISTRIBUTED', '')
+    if auto not in ('', 'auto'):
+        raise ValueError(f"MEDITRON_DISTRIBUTED={auto!r}: expected 'auto' (JAX discovers the "
+                         f'TPU slice or cluster) or unset')
     coordinator = coordinator or os.environ.get('MEDITRON_COORDINATOR', '')
     num_processes = num_processes or int(os.environ.get('MEDITRON_NUM_PROCESSES', '0'))
     if process_id < 0:
@@ -103,6 +110,13 @@ def maybe_initialize_distributed(coordinator: str = '', num_processes: int = 0,
                                    process_id=process_id)
     elif int(os.environ.get('SLURM_NTASKS', '1')) > 1 and 'SLURM_JOB_ID' in os.environ:
         jax.distributed.initialize()  # coordinator, process count and id from SLURM
+    elif auto:
+        try:
+            jax.distributed.initialize()
+        except (ValueError, RuntimeError) as e:
+            raise ValueError(f'MEDITRON_DISTRIBUTED=auto, but JAX found no TPU slice or cluster '
+                             f'to join ({str(e).strip()}); run on the workers of a TPU VM '
+                             f'slice (launch/tpu_pod.sh) or pass --coordinator') from e
 
 
 class _Preemption:
