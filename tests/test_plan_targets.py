@@ -26,7 +26,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # What resolve_attention picks for a 'cudnn' config on TPU: 'splash' once the model implements
 # the Pallas splash kernel (model_config.ATTENTION_IMPLEMENTATIONS lists it), 'xla' before.
-TPU_ATTENTION = 'splash' if 'splash' in model.ATTENTION_IMPLEMENTATIONS else 'xla'
 
 
 def needs(module: str, extra: str):
@@ -43,7 +42,7 @@ def test_resolve_attention_follows_the_target_platform(caplog):
         assert model.resolve_attention('cudnn', jnp.float16, 'gpu') == 'cudnn'
         assert model.resolve_attention('cudnn', jnp.float32, 'gpu') == 'xla'
         assert model.resolve_attention('cudnn', jnp.bfloat16, 'cpu') == 'xla'
-        assert model.resolve_attention('cudnn', jnp.bfloat16, 'tpu') == TPU_ATTENTION
+        assert model.resolve_attention('cudnn', jnp.bfloat16, 'tpu') == 'splash'
         assert model.resolve_attention('splash', jnp.bfloat16, 'gpu') == 'xla'
         assert model.resolve_attention('splash', jnp.bfloat16, 'tpu') == 'splash'
         assert model.resolve_attention('xla', jnp.bfloat16, 'gpu') == 'xla'
@@ -146,13 +145,15 @@ def test_debug_model_on_8_h100s_runs_cudnn_attention_with_the_cluster_flags():
 
 def test_debug_model_on_a_v5p_2x2x2_slice_spans_two_hosts():
     needs('libtpu', 'tpu')
-    p = plan_in_subprocess('tpu-v5p', 8, *BF16_CUDNN)
+    # A 'cudnn' config on TPU runs splash, whose blocks are 128 tokens: seq_len 128.
+    p = plan_in_subprocess('tpu-v5p', 8, 'model.compute_dtype=bfloat16', 'model.attention=cudnn',
+                           'data.seq_len=128')
     assert p['compiler'] == 'XLA:TPU' and p['device_kind'] == 'TPU v5'
     assert p['hosts'] == 2 and p['hosts_of_devices'] == [0, 1]   # 4 chips a host
     assert p['param_bytes'] == exact_param_bytes(8)
     assert 2 * p['param_bytes'] <= p['opt_state_bytes'] <= 2 * p['param_bytes'] + 16
-    assert p['attention'] == TPU_ATTENTION
-    assert bool(p['fused']) == (TPU_ATTENTION == 'splash')   # splash: a Mosaic tpu_custom_call
+    assert p['attention'] == 'splash'
+    assert p['fused'] and all('tpu_custom_call' in t for t in p['fused'])   # Mosaic kernels
     assert p['xla_peak_bytes'] and p['peak_bytes'] >= p['xla_peak_bytes']
 
 
