@@ -1,6 +1,6 @@
 """Our compiled train step vs Hugging Face torch's eager step, on this CPU, in one process.
 
-    python benchmarks/bench_vs_torch.py                         # both shapes, ~4 min on 2 cores
+    python benchmarks/bench_vs_torch.py                         # both shapes, ~5 min on 2 cores
     python benchmarks/bench_vs_torch.py --shapes small --steps 8
 
 Each shape runs the same float32 model both ways, from the same initial weights, on the same
@@ -78,7 +78,7 @@ def params_to_hf(params, cfg) -> dict:
     import torch
     d = cfg.hidden_size
     p = jax.tree.map(np.asarray, params)
-    t = lambda x: torch.from_numpy(np.ascontiguousarray(x))
+    t = lambda x: torch.from_numpy(np.array(x, np.float32))  # a writable copy
     out = {'model.embed_tokens.weight': t(p['embed']['embedding']),
            'model.norm.weight': t(p['final_norm']['scale']),
            'lm_head.weight': t(p['lm_head']['kernel'].T)}
