@@ -40,7 +40,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from meditron_jax import sharding, splash
+from meditron_jax import attention_xla, sharding, splash
+# The loss lives in loss.py; model.cross_entropy stays a name to use.
+from meditron_jax.loss import cross_entropy  # noqa: F401
 # The shape and presets live in model_config.py; model.LlamaConfig etc. stay the names to use.
 from meditron_jax.model_config import (  # noqa: F401
     ATTENTION_IMPLEMENTATIONS, PRESETS, REMAT_POLICIES, LlamaConfig, preset)
@@ -111,6 +113,20 @@ def contract(equation: str, x: Array, kernel: Array) -> Array:
     if sorted(c for c in lhs + rhs if c not in summed) != sorted(out) or any(
             c in out for c in summed):
         raise ValueError(f'contract: {equation!r} is not a batch-free contraction')
+    # The free dimensions that lead both lhs and out ('bt' of 'btd,df->btf') are flattened into
+    # one token dimension around the dot: XLA:CPU lowered the weight gradient of a dot with two
+    # such dimensions badly (the MLP's gradient at batch 4 x 256 took 175 ms as 3-D dots, 98 ms
+    # on 2-D tokens). The reshape keeps the batch sharding (rows split evenly over data/fsdp).
+    lead = 0
+    while (lead < len(lhs) and lead < len(out) and lhs[lead] == out[lead]
+           and lhs[lead] not in rhs):
+        lead += 1
+    if lead > 1:
+        lead_shape = x.shape[:lead]
+        z = next(ch for ch in 'zyxwvu' if ch not in equation)
+        y = contract(z + lhs[lead:] + ',' + rhs + '->' + z + out[lead:],
+                     x.reshape(-1, *x.shape[lead:]), kernel)
+        return y.reshape(*lead_shape, *y.shape[1:])
     dims = (tuple(lhs.index(c) for c in summed), tuple(rhs.index(c) for c in summed))
     y = jax.lax.dot_general(x, kernel, (dims, ((), ())))
     natural = [c for c in lhs if c not in summed] + [c for c in rhs if c not in summed]
@@ -202,14 +218,22 @@ def resolve_config_attention(cfg: LlamaConfig, mesh) -> LlamaConfig:
 def attention(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array,
               segment_ids_BxT: Array | None, implementation: str = 'xla') -> Array:
     """Causal grouped-query attention; with segment ids, no token attends across documents."""
-    if implementation == 'splash':  # the TPU kernel; interpret mode when not compiling for TPU
+    # An explicit 'splash' is run as asked (interpret mode when not compiling for TPU: tests);
+    # anything else is resolved for the platform being compiled for ('cudnn' on TPU -> splash).
+    if implementation != 'splash':
+        implementation = resolve_attention(implementation, q_BxTxNxH.dtype)
+    if implementation == 'splash':
         return splash.splash_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, segment_ids_BxT)
+    if implementation == 'xla':
+        # The same maths as jax's xla implementation, laid out for XLA:CPU, with a fused
+        # softmax backward (attention_xla.py).
+        return attention_xla.causal_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, segment_ids_BxT)
     mask = None
     if segment_ids_BxT is not None:
         mask = (segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :])[:, None]
     return jax.nn.dot_product_attention(
         q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask, is_causal=True,
-        implementation=resolve_attention(implementation, q_BxTxNxH.dtype))
+        implementation=implementation)
 
 
 def cached_attention(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array,
@@ -346,8 +370,11 @@ class Llama(nn.Module):
     @nn.compact
     def __call__(self, tokens_BxT: Array, positions_BxT: Array | None = None,
                  segment_ids_BxT: Array | None = None, cache: Cache | None = None,
-                 logits_at_B: Array | None = None):
+                 logits_at_B: Array | None = None, hidden_only: bool = False):
         """Token ids -> float32 logits. Positions default to 0..T-1 (one document a row).
+
+        ``hidden_only``: the final-normed hidden states (B, T, D) in the compute dtype instead of
+        logits (training applies the head inside the loss, loss.head_cross_entropy).
 
         Decoding: with a ``cache`` (``init_cache``), each token's keys and values are written to
         the slot of its position and attention reads the cache; returns (logits, new cache).
@@ -392,6 +419,8 @@ class Llama(nn.Module):
         if logits_at_B is not None:
             x = jnp.take_along_axis(x, logits_at_B[:, None, None], axis=1)
         x = RMSNorm(c, name='final_norm')(x)
+        if hidden_only:
+            return sharding.constrain(x, ('batch', 'length', 'act_embed'))
         head_DxV = Weight(c, (c.hidden_size, c.vocab_size), ('embed', 'vocab'), 'kernel',
                           name='lm_head')()
         dtype = jnp.dtype(c.compute_dtype)
@@ -413,6 +442,13 @@ def forward(params: Params, cfg: LlamaConfig, tokens_BxT: Array, positions_BxT=N
     return Llama(cfg).apply({'params': params}, tokens_BxT, positions_BxT, segment_ids_BxT)
 
 
+def forward_hidden(params: Params, cfg: LlamaConfig, tokens_BxT: Array, positions_BxT=None,
+                   segment_ids_BxT=None) -> Array:
+    """forward without the output head: final-normed hidden states (B, T, D)."""
+    return Llama(cfg).apply({'params': params}, tokens_BxT, positions_BxT, segment_ids_BxT,
+                            hidden_only=True)
+
+
 def init_cache(cfg: LlamaConfig, batch: int, length: int) -> Cache:
     """An empty KV cache of ``length`` slots a row, in the compute dtype."""
     shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
@@ -431,16 +467,6 @@ def forward_cached(params: Params, cfg: LlamaConfig, tokens_BxT: Array, position
     """Decode-mode forward: (float32 logits, the cache with these tokens' keys and values)."""
     return Llama(cfg).apply({'params': params}, tokens_BxT, positions_BxT, None, cache,
                             logits_at_B)
-
-
-def cross_entropy(logits_BxTxV: Array, targets_BxT: Array, weights_BxT: Array
-                  ) -> tuple[Array, Array]:
-    """(sum of weighted token losses, sum of weights), in float32."""
-    logits = logits_BxTxV.astype(jnp.float32)
-    log_z = jax.nn.logsumexp(logits, axis=-1)
-    target_logit = jnp.take_along_axis(logits, targets_BxT[..., None], axis=-1)[..., 0]
-    weights = weights_BxT.astype(jnp.float32)
-    return jnp.sum((log_z - target_logit) * weights), jnp.sum(weights)
 
 
 def _boxed_init(cfg: LlamaConfig, rng: Array):

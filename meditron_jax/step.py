@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from meditron_jax import model, sharding
+from meditron_jax import loss as loss_lib, model, sharding
 
 Array = jax.Array
 
@@ -41,10 +41,13 @@ def loss_terms(params, cfg: model.LlamaConfig, batch: dict) -> tuple[Array, Arra
     and counts where loss_mask is 1 (all of a text document, the assistant turns of a chat).
     """
     tokens, segments, positions = batch['tokens'], batch['segment_ids'], batch['positions']
-    logits = model.forward(params, cfg, tokens[:, :-1], positions[:, :-1], segments[:, :-1])
+    hidden_BxTxD = model.forward_hidden(params, cfg, tokens[:, :-1], positions[:, :-1],
+                                        segments[:, :-1])
     same_document = (segments[:, 1:] == segments[:, :-1]) & (segments[:, 1:] != 0)
     weights = same_document & (batch['loss_mask'][:, 1:] != 0)
-    return model.cross_entropy(logits, tokens[:, 1:], weights)
+    # The head is applied inside the loss, a chunk of the sequence at a time (loss.py).
+    return loss_lib.head_cross_entropy(hidden_BxTxD, params['lm_head']['kernel'], tokens[:, 1:],
+                                       weights, cfg.compute_dtype)
 
 
 def _split_micro(batch: dict, k: int) -> dict:

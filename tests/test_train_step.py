@@ -73,11 +73,12 @@ def test_grad_accumulation_equals_one_big_batch():
     np.testing.assert_allclose(norms1, norms4, rtol=1e-5)
     np.testing.assert_allclose(loss1, loss4, rtol=1e-5)
     assert loss1[-1] < loss1[0]
-    # Adam divides each gradient element by its own running RMS, so the summation-order
-    # rounding of a near-zero element is amplified up to lr x its relative error (2.3e-6 seen
-    # once at lr 1e-2). 1e-5 is 0.1% of one update step (lr = 1e-2); an accumulation that
-    # dropped or mis-weighted a micro-batch moves parameters by a sizeable fraction of lr.
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5),
+    # Adam's first updates divide near-zero gradients by their own magnitude, so a float32
+    # summation-order difference (micro-batches vs one batch) moves such an entry by a few 1e-6
+    # (params ~0.1; 5.5e-6 on the o kernel and 2.3e-6 on the embedding at 1a0528d, where
+    # atol=2e-6 already failed); a missed or repeated micro-batch moves entries by the learning
+    # rate (1e-2 a step, 500x this bound).
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-5),
                  state1.params, state4.params)
 
 

@@ -1,0 +1,123 @@
+"""The next-token loss: the output head and cross-entropy fused, a chunk of the sequence at a time.
+
+``head_cross_entropy(x_BxTxD, head_DxV, targets, weights)`` is ``cross_entropy(x @ head, ...)``
+without ever holding the whole float32 (B, T, V) logits (7B: 4,096 tokens a row x 32,000 vocab x
+4 bytes = 0.5 GB a row, twice over with its gradient) and without autodiff's gradient of
+``take_along_axis`` (a scatter into a zero (B, T, V) array) or of ``logsumexp`` (several passes
+over the logits). Its backward is ``softmax - onehot`` in one pass. Because the loss is a scalar,
+the forward pass of the differentiated function computes the gradients with respect to the hidden
+states and the head directly (for a unit cotangent) while each chunk's logits are at hand, and the
+backward pass only scales them: the logits are computed once, never saved, never recomputed.
+When the loss is not differentiated (eval), only the loss is computed.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from meditron_jax import sharding
+
+Array = jax.Array
+
+# A chunk is at most this many logits per batch row (C x V): 7B (V = 32,128) -> 128 positions.
+CHUNK_LOGITS_PER_ROW = 1 << 22
+
+
+def cross_entropy(logits_BxTxV: Array, targets_BxT: Array, weights_BxT: Array
+                  ) -> tuple[Array, Array]:
+    """(sum of weighted token losses, sum of weights), in float32, from whole logits (eval and
+    tests; training goes through head_cross_entropy)."""
+    logits = logits_BxTxV.astype(jnp.float32)
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, targets_BxT[..., None], axis=-1)[..., 0]
+    weights = weights_BxT.astype(jnp.float32)
+    return jnp.sum((log_z - target_logit) * weights), jnp.sum(weights)
+
+
+def chunk_length(seq_len: int, vocab_size: int) -> int:
+    """The largest divisor of seq_len whose chunk holds at most CHUNK_LOGITS_PER_ROW logits a row."""
+    limit = max(1, CHUNK_LOGITS_PER_ROW // vocab_size)
+    return max(c for c in range(1, min(seq_len, limit) + 1) if seq_len % c == 0)
+
+
+def head_cross_entropy(x_BxTxD: Array, head_DxV: Array, targets_BxT: Array, weights_BxT: Array,
+                       compute_dtype=jnp.float32) -> tuple[Array, Array]:
+    """(sum of weighted token losses, sum of weights) of the logits ``x @ head`` (float32
+    accumulation, matmuls in compute_dtype), differentiable in x and head."""
+    weights = weights_BxT.astype(jnp.float32)
+    chunk = chunk_length(x_BxTxD.shape[1], head_DxV.shape[1])
+    loss = _fused(chunk, jnp.dtype(compute_dtype).name, x_BxTxD, head_DxV,
+                  targets_BxT.astype(jnp.int32), weights)
+    return loss, jnp.sum(weights)
+
+
+def _chunks(a: Array, chunk: int) -> Array:
+    """(B, T, ...) -> (T / chunk, B, chunk, ...): scanned over the sequence, so every chunk keeps
+    the batch dimension (and its data/fsdp sharding) whole."""
+    b, t = a.shape[:2]
+    return jnp.swapaxes(a.reshape(b, t // chunk, chunk, *a.shape[2:]), 0, 1)
+
+
+def _chunk_terms(x_BxCxD, head_DxV, targets_BxC, weights_BxC, with_grads: bool):
+    """One chunk: (weighted loss sum, and with_grads: d loss / d logits in compute dtype)."""
+    logits = jnp.einsum('bcd,dv->bcv', x_BxCxD, head_DxV, preferred_element_type=jnp.float32)
+    logits = sharding.constrain(logits, ('batch', 'length', 'act_vocab'))
+    max_BxC = jax.lax.stop_gradient(jnp.max(logits, axis=-1))
+    shifted = logits - max_BxC[..., None]
+    exp = jnp.exp(shifted)
+    sum_BxC = jnp.sum(exp, axis=-1)
+    onehot = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 2) == targets_BxC[..., None]
+    target_BxC = jnp.sum(jnp.where(onehot, shifted, 0.0), axis=-1)
+    loss = jnp.sum((jnp.log(sum_BxC) - target_BxC) * weights_BxC)
+    if not with_grads:
+        return loss, None
+    scale_BxC = weights_BxC / sum_BxC
+    dlogits = (exp * scale_BxC[..., None] - jnp.where(onehot, weights_BxC[..., None], 0.0))
+    return loss, dlogits.astype(x_BxCxD.dtype)
+
+
+def _forward(chunk, dtype, x_BxTxD, head_DxV, targets_BxT, weights_BxT, with_grads):
+    x = x_BxTxD.astype(dtype)
+    head = head_DxV.astype(dtype)
+
+    def body(carry, xs):
+        loss_sum, dhead_DxV = carry
+        x_BxCxD, targets_BxC, weights_BxC = xs
+        loss, dlogits_BxCxV = _chunk_terms(x_BxCxD, head, targets_BxC, weights_BxC, with_grads)
+        if not with_grads:
+            return (loss_sum + loss, dhead_DxV), None
+        dx_BxCxD = jnp.einsum('bcv,dv->bcd', dlogits_BxCxV, head,
+                              preferred_element_type=jnp.float32).astype(x_BxTxD.dtype)
+        dhead_DxV = dhead_DxV + jnp.einsum('bcd,bcv->dv', x_BxCxD, dlogits_BxCxV,
+                                           preferred_element_type=jnp.float32)
+        return (loss_sum + loss, dhead_DxV), dx_BxCxD
+
+    dhead0 = jnp.zeros(head_DxV.shape, jnp.float32) if with_grads else None
+    xs = (_chunks(x, chunk), _chunks(targets_BxT, chunk), _chunks(weights_BxT, chunk))
+    (loss, dhead_DxV), dx = jax.lax.scan(body, (jnp.float32(0), dhead0), xs)
+    if not with_grads:
+        return loss, None, None
+    b, t, d = x_BxTxD.shape
+    dx_BxTxD = jnp.swapaxes(dx, 0, 1).reshape(b, t, d)
+    return loss, dx_BxTxD, dhead_DxV.astype(head_DxV.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _fused(chunk, dtype, x_BxTxD, head_DxV, targets_BxT, weights_BxT):
+    return _forward(chunk, dtype, x_BxTxD, head_DxV, targets_BxT, weights_BxT, False)[0]
+
+
+def _fused_fwd(chunk, dtype, x_BxTxD, head_DxV, targets_BxT, weights_BxT):
+    loss, dx, dhead = _forward(chunk, dtype, x_BxTxD, head_DxV, targets_BxT, weights_BxT, True)
+    return loss, (dx, dhead)
+
+
+def _fused_bwd(chunk, dtype, residuals, g):
+    dx, dhead = residuals
+    return (g * dx).astype(dx.dtype), (g * dhead).astype(dhead.dtype), None, None
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)
