@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from meditron_jax import model as M
+from meditron_jax import attention as attention_lib, model as M
 
 FAST_COMPILE = {'xla_backend_optimization_level': 0}
 # One jitted forward for the whole module: equal (cfg, shapes) share one compile.
@@ -217,7 +217,7 @@ def test_remat_policies_give_the_same_gradients_as_none(cfg, params, tokens, sca
 def test_cudnn_attention_falls_back_to_xla_on_cpu_with_a_warning(
         cfg, params, tokens, xla_logits, caplog):
     assert jax.default_backend() == 'cpu' and cfg.compute_dtype == 'float32'
-    M._warned_attention.clear()  # each reason is logged once per process
+    attention_lib._warned_attention.clear()  # each reason is logged once per process
     c = cfg.replace(attention='cudnn')
     with caplog.at_level(logging.WARNING):
         logits = forward(params, c, tokens)

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from meditron_jax import hlo_stats, model, targets
+from meditron_jax import attention as attention_lib, hlo_stats, model, targets
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -36,7 +36,7 @@ def needs(module: str, extra: str):
 
 
 def test_resolve_attention_follows_the_target_platform(caplog):
-    model._warned_attention.clear()
+    attention_lib._warned_attention.clear()
     with caplog.at_level(logging.INFO):
         assert model.resolve_attention('cudnn', jnp.bfloat16, 'gpu') == 'cudnn'
         assert model.resolve_attention('cudnn', jnp.float16, 'gpu') == 'cudnn'
