@@ -81,7 +81,9 @@ def _chunk_terms(x_BxCxD, head_DxV, targets_BxC, weights_BxC, with_grads: bool):
 
 def _forward(chunk, dtype, x_BxTxD, head_DxV, targets_BxT, weights_BxT, with_grads):
     x = x_BxTxD.astype(dtype)
-    head = head_DxV.astype(dtype)
+    # Gathered over fsdp once, before the chunk loop (vocab stays split over tensor): left to
+    # itself, XLA:GPU all-gathers the head again in every chunk.
+    head = sharding.constrain(head_DxV.astype(dtype), (None, 'vocab'))
 
     def body(carry, xs):
         loss_sum, dhead_DxV = carry
