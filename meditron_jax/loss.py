@@ -85,26 +85,38 @@ def _forward(chunk, dtype, x_BxTxD, head_DxV, targets_BxT, weights_BxT, with_gra
     # itself, XLA:GPU all-gathers the head again in every chunk.
     head = sharding.constrain(head_DxV.astype(dtype), (None, 'vocab'))
 
+    b, t, d = x_BxTxD.shape
+    # The head's gradient is accumulated per batch shard, (G, D, V) with G split like the batch,
+    # so each device sums its own rows' contributions locally and one reduction follows the loop;
+    # a (D, V) accumulator made XLA:GPU reduce-scatter it in every chunk.
+    mesh = jax.sharding.get_abstract_mesh()
+    shards = 1 if mesh.empty else sharding.data_parallel_size(mesh)
+
     def body(carry, xs):
-        loss_sum, dhead_DxV = carry
+        loss_sum, dhead_GxDxV = carry
         x_BxCxD, targets_BxC, weights_BxC = xs
         loss, dlogits_BxCxV = _chunk_terms(x_BxCxD, head, targets_BxC, weights_BxC, with_grads)
         if not with_grads:
-            return (loss_sum + loss, dhead_DxV), None
+            return (loss_sum + loss, dhead_GxDxV), None
         dx_BxCxD = jnp.einsum('bcv,dv->bcd', dlogits_BxCxV, head,
                               preferred_element_type=jnp.float32).astype(x_BxTxD.dtype)
-        dhead_DxV = dhead_DxV + jnp.einsum('bcd,bcv->dv', x_BxCxD, dlogits_BxCxV,
-                                           preferred_element_type=jnp.float32)
-        return (loss_sum + loss, dhead_DxV), dx_BxCxD
+        c, v = dlogits_BxCxV.shape[1:]
+        per_shard = jnp.einsum('gbcd,gbcv->gdv', x_BxCxD.reshape(shards, b // shards, c, d),
+                               dlogits_BxCxV.reshape(shards, b // shards, c, v),
+                               preferred_element_type=jnp.float32)
+        dhead_GxDxV = sharding.constrain(dhead_GxDxV + per_shard, ('batch', None, 'vocab'))
+        return (loss_sum + loss, dhead_GxDxV), dx_BxCxD
 
-    dhead0 = jnp.zeros(head_DxV.shape, jnp.float32) if with_grads else None
+    dhead0 = None
+    if with_grads:
+        dhead0 = sharding.constrain(jnp.zeros((shards, *head_DxV.shape), jnp.float32),
+                                    ('batch', None, 'vocab'))
     xs = (_chunks(x, chunk), _chunks(targets_BxT, chunk), _chunks(weights_BxT, chunk))
-    (loss, dhead_DxV), dx = jax.lax.scan(body, (jnp.float32(0), dhead0), xs)
+    (loss, dhead_GxDxV), dx = jax.lax.scan(body, (jnp.float32(0), dhead0), xs)
     if not with_grads:
         return loss, None, None
-    b, t, d = x_BxTxD.shape
     dx_BxTxD = jnp.swapaxes(dx, 0, 1).reshape(b, t, d)
-    return loss, dx_BxTxD, dhead_DxV.astype(head_DxV.dtype)
+    return loss, dx_BxTxD, jnp.sum(dhead_GxDxV, axis=0).astype(head_DxV.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
