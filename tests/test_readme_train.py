@@ -4,7 +4,6 @@ and validate on their target device counts; ``checkpoint.keep`` prunes old steps
 middle of a save leaves no step that looks complete; resuming with a changed learning rate (and
 step count) is allowed and logged, and the new schedule is used."""
 
-import json
 import os
 import shutil
 import subprocess
@@ -17,6 +16,7 @@ import pytest
 
 import configs.debug
 from meditron_jax import checkpoint, model, optim, sharding, train
+from tests.config_helpers import validate_shipped_config
 from tests.data_helpers import prepared_debug
 from tests.test_train_step import random_batch, run_steps, tiny_config
 
@@ -83,35 +83,12 @@ def test_config_errors_name_the_keys_before_anything_is_written(changes, keys, t
     assert not workdir.exists()
 
 
-VALIDATE_SHIPPED = '''
-import json, sys
-import jax
-jax.config.update('jax_num_cpu_devices', int(sys.argv[2]))
-jax.config.update('jax_platforms', 'cpu')
-import importlib
-from meditron_jax import model, sharding, train
-from meditron_jax.data import sources
-config = importlib.import_module('configs.' + sys.argv[1]).get_config()
-mesh = sharding.make_mesh(config.mesh)
-train.validate_config(config, mesh)
-cfg = train.model_config(config)
-model.param_shardings(cfg, mesh)        # every parameter's split divides: shapes only
-sources.parse_sources(config.data.sources)
-print(json.dumps(dict(mesh=dict(mesh.shape), params=cfg.num_params(),
-                      dtypes=[cfg.param_dtype, cfg.compute_dtype])))
-'''
-
-
 @pytest.mark.parametrize('name,devices,mesh,billions', [
     ('meditron_7b', 64, dict(data=8, fsdp=8, tensor=1), 6.7),       # 8 nodes x 8 GPUs
     ('meditron_70b', 128, dict(data=1, fsdp=16, tensor=8), 69.0),   # 16 nodes x 8 GPUs
 ])
 def test_shipped_config_loads_and_validates_on_its_target_devices(name, devices, mesh, billions):
-    done = subprocess.run([sys.executable, '-c', VALIDATE_SHIPPED, name, str(devices)], cwd=REPO,
-                          env=dict(os.environ, JAX_PLATFORMS='cpu'), capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    out = json.loads(done.stdout.strip().splitlines()[-1])
+    out = validate_shipped_config(name, devices)
     assert out['mesh'] == mesh
     assert out['params'] == pytest.approx(billions * 1e9, rel=0.02)
     assert out['dtypes'] == ['float32', 'bfloat16']
