@@ -8,7 +8,8 @@ to 10%, bf16 compute. MEDITRON used 2 data x 8 tensor x 8 pipeline stages on 128
 have no pipeline stage and use tensor parallelism over the 8 GPUs of a node (NVLink) and fsdp
 over the 16 nodes: each parameter is split 128 ways. 16 micro-batches of 2 sequences per fsdp
 rank make a step, saving every matmul output for the backward pass (remat=save_dots): XLA:GPU's
-plan (meditron-plan --target h100) puts that at 44.8 GiB a GPU, within the 72.8 GiB XLA may
+plan (meditron-plan --target h100) puts that at 44.4 GiB a GPU
+(44.8 before the fused loss), within the 72.8 GiB XLA may
 allocate (XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 of 79.1 GiB), at +4% hardware FLOPs over the
 model's where remat=full cost +30% (9,114 vs 7,310 TFLOP a GPU a step). 4 sequences a
 micro-batch (8 micro-batches, half the all-gathers) came to 76.0 GiB: over that budget.

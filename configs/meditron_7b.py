@@ -8,7 +8,8 @@ cosine to 10%, AdamW (0.9, 0.95, 1e-5), weight decay 0.1, clipping 1.0, bf16 com
 over the 8 GPUs of a node (parameters, gradients and optimizer state sharded there, all-gathers
 on NVLink), data parallel across nodes. On 8 nodes (64 GPUs) each step is 5 micro-batches of
 five 2048-token sequences per GPU, saving every matmul output for the backward pass
-(remat=save_dots): XLA:GPU's plan (meditron-plan --target h100) puts that at 49.3 GiB a GPU,
+(remat=save_dots): XLA:GPU's plan (meditron-plan --target h100) puts that at 48.4 GiB a GPU
+(49.3 before the loss fused the head),
 within the 72.8 GiB that XLA may allocate (XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 of 79.1 GiB), at
 +4% hardware FLOPs over the model's (save_dots_no_batch: +7%, full: +31%) and with a fifth of the
 parameter all-gathers of 25 micro-batches of one sequence (BENCHMARKS.md, "Scale-out"). Check the MFU on the first log lines. Set data.sources to the prepared GAP-Replay files and train.init_from to the
