@@ -92,6 +92,10 @@ def get_config() -> ml_collections.ConfigDict:
                                     # (medqa, medqa4, medmcqa, pubmedqa, mmlu_medical); () = off
     c.data.decontaminate_ngram = 13  # words per n-gram (GPT-3 / PaLM); shorter items match whole
     c.data.decontaminate_mode = 'drop'  # 'drop' the document, or 'cut' the overlapping words
+    # Built indexes are kept by content (sha256 of the n-gram size and the benchmark files) so a
+    # re-run or a --shard slice skips reading and hashing the benchmarks; not an output option.
+    c.data.decontaminate_cache = 'auto'  # 'auto' = $XDG_CACHE_HOME or ~/.cache/meditron_jax/...;
+                                         # a directory; '' = no cache
     c.data.prepare_workers = 0      # processes for meditron-prepare; 0 = all cores
     c.data.token_dtype = 'auto'     # shard token ids: 'auto' (uint16 if the vocab fits), 'uint16', 'uint32'
     c.data.shard_max_tokens = 100_000_000  # tokens per ArrayRecord shard before starting another

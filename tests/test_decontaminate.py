@@ -290,3 +290,54 @@ def test_bad_benchmark_file_named_by_file_and_line(setup, tmp_path):
     cfg.decontaminate = [dict(benchmark='pubmedqa', data=bad)]
     with pytest.raises(sources.DataError, match=r'no such directory'):
         prepare.prepare(cfg, str(tmp_path / 'out'))
+
+
+def test_index_cache_reused_damaged_file_rebuilt(setup, dropped, tmp_path, capsys):
+    _, out0, manifest0 = dropped
+    cache = tmp_path / 'cache'
+    cfg = _cfg(setup, decontaminate_cache=str(cache))
+    first = prepare.prepare(cfg, str(tmp_path / 'a'))
+    assert 'decontamination: index built' in capsys.readouterr().err
+    [stored] = os.listdir(cache)
+    key = decontaminate_io.cache_key(decontaminate_io.options(cfg))
+    assert re.fullmatch(rf'{key}\.[0-9a-f]{{64}}\.npz', stored)
+
+    second = prepare.prepare(cfg, str(tmp_path / 'b'))
+    assert 'decontamination: index from the cache' in capsys.readouterr().err
+    assert first == second == manifest0            # same manifest as without this cache
+    assert all_files(str(tmp_path / 'b')) == all_files(out0)
+    # The cache directory is not an output option: the finished output is reused as it is.
+    assert prepare.prepare(_cfg(setup, decontaminate_cache=''), out0) == manifest0
+
+    data = bytearray((cache / stored).read_bytes())
+    data[len(data) // 2] ^= 1
+    (cache / stored).write_bytes(bytes(data))
+    third = prepare.prepare(cfg, str(tmp_path / 'c'))
+    err = capsys.readouterr().err
+    assert re.search(rf'warning: decontamination cache {re.escape(str(cache / stored))}: '
+                     r'unreadable \(.*sha256.*\); removing it and rebuilding', err)
+    assert 'index built' in err and third == manifest0
+    assert os.listdir(cache) == [stored]     # rewritten whole (the npz bytes are reproducible)
+    assert (cache / stored).read_bytes() != bytes(data)
+
+
+def test_index_cache_key_off_and_unwritable(setup, tmp_path, capsys):
+    cfg = _cfg(setup, decontaminate_cache='')
+    assert decontaminate_io.cache_dir(cfg) == ''
+    prepare.prepare(cfg, str(tmp_path / 'out'))
+    err = capsys.readouterr().err
+    assert 'index built' in err and 'cached as' not in err
+    opts = decontaminate_io.options(cfg)
+    key = decontaminate_io.cache_key(opts)
+    assert decontaminate_io.cache_key({**opts, 'mode': 'cut'}) == key   # matching-only option
+    assert decontaminate_io.cache_key({**opts, 'ngram': 8}) != key
+    changed = [dict(b, sha256='0' * 64) if b['benchmark'] == 'medqa' else b
+               for b in opts['benchmarks']]
+    assert decontaminate_io.cache_key({**opts, 'benchmarks': changed}) != key
+
+    blocker = tmp_path / 'not-a-dir'
+    blocker.write_text('')
+    index = dc.build_index([], 13)
+    assert decontaminate_io.write_cached(index, str(blocker / 'cache'), key) is None
+    assert 'not writable' in capsys.readouterr().err
+    assert decontaminate_io.read_cached(str(blocker / 'cache'), key) is None

@@ -16,6 +16,9 @@ import collections
 import hashlib
 import json
 import os
+import sys
+import tempfile
+import zipfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -112,7 +115,8 @@ def build(opts: dict[str, Any]) -> decontam_lib.Index:
     return decontam_lib.build_index(benchmarks, opts['ngram'])
 
 
-def save_index(index: decontam_lib.Index, mode: str, path: str) -> None:
+def save_index(index: decontam_lib.Index, mode: str, path) -> None:
+    """The index as one npz (``path``: a file name or a binary file), read by load_index."""
     words = list(index.vocab)
     arrays = dict(ngram=np.int64(index.ngram), mode=np.str_(mode),
                   vocab_words=np.frombuffer('\n'.join(words).encode('utf-8'), np.uint8),
@@ -139,13 +143,101 @@ def load_index(path: str) -> tuple[decontam_lib.Index, str]:
 
 
 def write_index(data_cfg, tmp: str) -> str | None:
-    """Builds the index into ``tmp`` for the workers; None when decontamination is off."""
+    """Builds the index into ``tmp`` for the workers (or takes it from the cache, see
+    cache_dir); None when decontamination is off."""
     opts = options(data_cfg)
     if opts is None:
         return None
     path = os.path.join(tmp, INDEX_FILE)
-    save_index(build(opts), opts['mode'], path)
+    directory = cache_dir(data_cfg)
+    key = cache_key(opts)
+    index = read_cached(directory, key) if directory else None
+    if index is not None:
+        print(f'decontamination: index from the cache ({directory}, key {key[:16]})',
+              file=sys.stderr)
+    else:
+        index = build(opts)
+        stored = write_cached(index, directory, key) if directory else None
+        print(f'decontamination: index built ({len(index.items)} items)' +
+              (f', cached as {stored}' if stored else ''), file=sys.stderr)
+    save_index(index, opts['mode'], path)
     return path
+
+
+# ----------------------------------------------------------------------------- index cache
+
+CACHE_FORMAT = 1    # bump when normalisation, hashing or the index file's layout change
+
+
+def cache_dir(data_cfg) -> str:
+    """Where built indexes are kept ('' = nowhere): data.decontaminate_cache, 'auto' being
+    $XDG_CACHE_HOME (or ~/.cache) /meditron_jax/decontaminate."""
+    where = str(data_cfg.get('decontaminate_cache', 'auto') or '')
+    if where == 'auto':
+        root = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+        where = os.path.join(root, 'meditron_jax', 'decontaminate')
+    return os.path.abspath(os.path.expanduser(where)) if where else ''
+
+
+def cache_key(opts: dict[str, Any]) -> str:
+    """What the index depends on: the format, the n-gram size and each benchmark's name and
+    files (by sha256; not their path, nor the mode, which only the matching uses)."""
+    pinned = dict(format=CACHE_FORMAT, ngram=opts['ngram'],
+                  benchmarks=[(b['benchmark'], b['sha256']) for b in opts['benchmarks']])
+    return hashlib.sha256(json.dumps(pinned, sort_keys=True).encode()).hexdigest()
+
+
+def _file_sha256(path: str) -> str:
+    with open(path, 'rb') as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def read_cached(directory: str, key: str) -> decontam_lib.Index | None:
+    """The cached index for ``key``, or None. Files are named <key>.<sha256 of the file>.npz;
+    one whose bytes do not hash to its name (or that does not load) is reported and skipped."""
+    try:
+        names = sorted(n for n in os.listdir(directory)
+                       if n.startswith(key + '.') and n.endswith('.npz'))
+    except OSError:
+        return None
+    for name in names:
+        path = os.path.join(directory, name)
+        try:
+            if _file_sha256(path) != name[len(key) + 1:-len('.npz')]:
+                raise ValueError('its contents do not match the sha256 in its name')
+            index, _ = load_index(path)
+            if index.ngram <= 0:
+                raise ValueError(f'n-gram size {index.ngram}')
+            return index
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+            print(f'warning: decontamination cache {path}: unreadable ({e}); removing it and '
+                  f'rebuilding the index', file=sys.stderr)
+            try:    # only whole files are renamed into place, so this one is damaged
+                os.remove(path)
+            except OSError:
+                pass
+    return None
+
+
+def write_cached(index: decontam_lib.Index, directory: str, key: str) -> str | None:
+    """Stores ``index`` under ``key`` (temp file, then rename: concurrent writers each leave a
+    whole file); the path, or None with a warning when the directory is not writable."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f'.{key}.', suffix='.npz')
+        try:
+            with os.fdopen(fd, 'wb') as f:
+                save_index(index, '', f)
+            path = os.path.join(directory, f'{key}.{_file_sha256(tmp)}.npz')
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        return path
+    except OSError as e:
+        print(f'warning: decontamination cache {directory}: not writable ({e}); continuing '
+              f'without it', file=sys.stderr)
+        return None
 
 
 # ----------------------------------------------------------------------------- results
