@@ -41,12 +41,13 @@ SHAPES = {
 }
 
 
-def config_for(shape: str, batch: int, seq_len: int):
+def config_for(shape: str, batch: int, seq_len: int, scan_layers: bool = True):
     c = configs.debug.get_config()
     preset = 'debug' if shape == 'small' else shape
     c.model = base.model_config(preset)
     c.model.update(dict(SHAPES[shape], max_seq_len=max(seq_len, 1024),
-                        param_dtype='float32', compute_dtype='float32'))
+                        param_dtype='float32', compute_dtype='float32',
+                        scan_layers=scan_layers))
     c.mesh.update(dict(data=1, fsdp=1, tensor=1))
     c.data.seq_len, c.data.global_batch_size = seq_len, batch
     c.optim.update(dict(lr_peak=3e-4, lr_min=3e-5, warmup_steps=0, b1=0.9, b2=0.95, eps=1e-5,
@@ -77,7 +78,7 @@ def params_to_hf(params, cfg) -> dict:
     """Our stacked params -> a LlamaForCausalLM state dict (torch Linear weights are (out, in))."""
     import torch
     d = cfg.hidden_size
-    p = jax.tree.map(np.asarray, params)
+    p = jax.tree.map(np.asarray, model.to_layout(params, cfg.replace(scan_layers=True)))
     t = lambda x: torch.from_numpy(np.array(x, np.float32))  # a writable copy
     out = {'model.embed_tokens.weight': t(p['embed']['embedding']),
            'model.norm.weight': t(p['final_norm']['scale']),
@@ -136,8 +137,9 @@ def timed(fn):
     return out, time.perf_counter() - w, time.process_time() - cpu
 
 
-def run_shape(shape: str, batch: int, seq_len: int, steps: int, warmup: int, peak: float):
-    c = config_for(shape, batch, seq_len)
+def run_shape(shape: str, batch: int, seq_len: int, steps: int, warmup: int, peak: float,
+              scan_layers: bool = True):
+    c = config_for(shape, batch, seq_len, scan_layers)
     cfg = model.LlamaConfig(**c.model.to_dict())
     mesh = sharding.make_mesh(c.mesh, devices=jax.devices()[:1])
     optimizer = optim.make_optimizer(c.optim, 1000)
@@ -177,7 +179,7 @@ def run_shape(shape: str, batch: int, seq_len: int, steps: int, warmup: int, pea
     med = lambda k: statistics.median(r[k] for r in rows)
     n_tok = batch * seq_len
     flops = cfg.flops_per_token(seq_len) * n_tok
-    return dict(shape=shape, params_m=cfg.num_params() / 1e6, tokens=n_tok,
+    return dict(shape=shape, layers='scanned' if scan_layers else 'unscanned', params_m=cfg.num_params() / 1e6, tokens=n_tok,
                 ours_s=med(0), ours_cpu_s=med(1), torch_s=med(2), torch_cpu_s=med(3),
                 first_loss_ours=first_ours, first_loss_torch=first_torch, compile_s=compile_s,
                 flops=flops, peak=peak, load=(load_start, load_end))
@@ -190,6 +192,10 @@ def main():
     parser.add_argument('--seq-len', type=int, default=256)
     parser.add_argument('--steps', type=int, default=6, help='timed rounds per shape')
     parser.add_argument('--warmup', type=int, default=2)
+    parser.add_argument('--layers', nargs='+', default=['scanned', 'unscanned'],
+                        choices=['scanned', 'unscanned'],
+                        help="our model's layers: nn.scan over stacked params (the default "
+                             "model.scan_layers=True) or a Python loop (scan_layers=False)")
     parser.add_argument('--torch-threads', type=int, default=os.cpu_count())
     args = parser.parse_args()
     import torch
@@ -200,15 +206,16 @@ def main():
     print(f'float32 2048^3 GEMM: XLA {xla_peak / 1e9:.1f} GFLOP/s, torch {torch_peak / 1e9:.1f} '
           f'GFLOP/s; torch threads {torch.get_num_threads()}; XLA_FLAGS='
           f'{os.environ.get("XLA_FLAGS", "")!r}; load {os.getloadavg()}')
-    results = [run_shape(s, args.batch, args.seq_len, args.steps, args.warmup, xla_peak)
-               for s in args.shapes]
-    print('\n| shape | params | tokens/step | ours tokens/s | torch tokens/s | ratio | '
+    results = [run_shape(s, args.batch, args.seq_len, args.steps, args.warmup, xla_peak,
+                         layers == 'scanned')
+               for s in args.shapes for layers in args.layers]
+    print('\n| shape | our layers | params | tokens/step | ours tokens/s | torch tokens/s | ratio | '
           'ours tok/CPU-s | torch tok/CPU-s | CPU ratio | ours model GFLOP/s | % of XLA GEMM '
           'peak | first loss ours / torch | load (start, end) |')
-    print('|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|')
+    print('|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|')
     for r in results:
         n = r['tokens']
-        print(f"| {r['shape']} | {r['params_m']:.1f}M | {n} | {n / r['ours_s']:,.0f} | "
+        print(f"| {r['shape']} | {r['layers']} | {r['params_m']:.1f}M | {n} | {n / r['ours_s']:,.0f} | "
               f"{n / r['torch_s']:,.0f} | **{r['torch_s'] / r['ours_s']:.2f}x** | "
               f"{n / r['ours_cpu_s']:,.0f} | {n / r['torch_cpu_s']:,.0f} | "
               f"{r['torch_cpu_s'] / r['ours_cpu_s']:.2f}x | {r['flops'] / r['ours_s'] / 1e9:.1f} | "
@@ -216,7 +223,7 @@ def main():
               f"{r['first_loss_ours']:.5f} / {r['first_loss_torch']:.5f} | "
               f"{r['load'][0][0]:.1f}, {r['load'][1][0]:.1f} |")
     for r in results:
-        print(f"{r['shape']}: median step ours {r['ours_s'] * 1e3:.0f} ms (CPU "
+        print(f"{r['shape']} ({r['layers']}): median step ours {r['ours_s'] * 1e3:.0f} ms (CPU "
               f"{r['ours_cpu_s'] * 1e3:.0f} ms), torch {r['torch_s'] * 1e3:.0f} ms (CPU "
               f"{r['torch_cpu_s'] * 1e3:.0f} ms); our first call (compile + step) "
               f"{r['compile_s']:.1f} s")

@@ -2,7 +2,9 @@
 
 The MEDITRON recipe: betas (0.9, 0.95), eps 1e-5, weight decay 0.1 on weight matrices (never on
 norm scales), clipping at 1.0, linear warmup then cosine decay to a floor. Gradient accumulation
-is done inside the compiled train step (train.py), not here.
+is done inside the compiled train step (step.py), not here. make_optimizer computes
+reference_optimizer's optax chain as one fused update a parameter, with the train step's
+non-finite mask folded in.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -36,8 +39,10 @@ def decay_mask(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int
-                   ) -> optax.GradientTransformation:
+def reference_optimizer(optim: ml_collections.ConfigDict, total_steps: int
+                        ) -> optax.GradientTransformation:
+    """The recipe as a plain optax chain: its state layout is the checkpoints' (opt_state), and
+    make_optimizer's update computes the same numbers (tests compare the two)."""
     chain = []
     if optim.clip_norm > 0:
         chain.append(optax.clip_by_global_norm(float(optim.clip_norm)))
@@ -45,3 +50,53 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int
         learning_rate=lr_schedule(optim, total_steps), b1=float(optim.b1), b2=float(optim.b2),
         eps=float(optim.eps), weight_decay=float(optim.weight_decay), mask=decay_mask))
     return optax.chain(*chain)
+
+
+def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int
+                   ) -> optax.GradientTransformationExtraArgs:
+    """reference_optimizer's AdamW + clipping, its state and its arithmetic, as one elementwise
+    expression a parameter: the optax chain materialised the clipped gradient, the moments and
+    the update separately, and the train step's non-finite mask then copied params, mu and nu
+    again (about a tenth of a small model's CPU step).
+
+    ``update(grads, state, params, *, grad_norm=None, apply=True)``: grad_norm is the gradients'
+    global norm if the caller has it; where ``apply`` is False (a traced bool: a non-finite
+    step) the updates are zeros and the state comes back unchanged, counts included.
+    """
+    reference = reference_optimizer(optim, total_steps)
+    schedule = lr_schedule(optim, total_steps)
+    clip, wd = float(optim.clip_norm), float(optim.weight_decay)
+    b1, b2, eps = float(optim.b1), float(optim.b2), float(optim.eps)
+
+    def update(grads, state, params=None, *, grad_norm=None, apply=True):
+        if params is None:
+            raise ValueError('make_optimizer: update needs params (weight decay)')
+        adam, masked, sched = state[-1]
+        if grad_norm is None:
+            grad_norm = optax.global_norm(grads)
+        count = optax.safe_increment(adam.count)
+        step_size = -schedule(sched.count)
+
+        def leaf(g, p, mu, nu, decays):
+            if clip > 0:  # optax.clip_by_global_norm
+                g = jax.lax.select(grad_norm < clip, g, (g / grad_norm.astype(g.dtype)) * clip)
+            mu = jnp.where(apply, (1 - b1) * g + b1 * mu, mu)          # optax.scale_by_adam
+            nu = jnp.where(apply, (1 - b2) * (g ** 2) + b2 * nu, nu)
+            mu_hat = mu / (1 - b1 ** count).astype(mu.dtype)
+            nu_hat = nu / (1 - b2 ** count).astype(nu.dtype)
+            u = mu_hat / (jnp.sqrt(nu_hat) + eps)
+            if decays:                                                   # add_decayed_weights
+                u = u + wd * p
+            u = jnp.array(step_size, u.dtype) * u                        # scale_by_learning_rate
+            return jnp.where(apply, u, jnp.zeros_like(u)), mu, nu
+
+        out = jax.tree.map(leaf, grads, params, adam.mu, adam.nu, decay_mask(params))
+        is_out = lambda x: isinstance(x, tuple)
+        pick = lambda i: jax.tree.map(lambda t: t[i], out, is_leaf=is_out)
+        keep = lambda new, old: jnp.where(apply, new, old)
+        adam = optax.ScaleByAdamState(count=keep(count, adam.count), mu=pick(1), nu=pick(2))
+        sched = optax.ScaleByScheduleState(
+            count=keep(optax.safe_increment(sched.count), sched.count))
+        return pick(0), (*state[:-1], (adam, masked, sched))
+
+    return optax.GradientTransformationExtraArgs(reference.init, update)

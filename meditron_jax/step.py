@@ -78,15 +78,16 @@ def train_step(state: TrainState, batch: dict, *, cfg: model.LlamaConfig,
     grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, state.params)
     loss = loss_sum / denom
     grad_norm = optax.global_norm(grads)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    # A non-finite update is never applied. The loop then stops (nonfinite='error', naming the
-    # first bad step, checked at log steps so the host never waits on a step) or goes on.
+    # A non-finite update is never applied: the optimizer (optim.make_optimizer) returns zero
+    # updates and its unchanged state inside the same fused pass. The loop then stops
+    # (nonfinite='error', naming the first bad step, checked at log steps so the host never
+    # waits on a step) or goes on.
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params,
+                                          grad_norm=grad_norm, apply=finite)
     step = state.step + 1
     new_state = state.replace(
-        step=step, params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state),
+        step=step, params=optax.apply_updates(state.params, updates), opt_state=opt_state,
         skipped=state.skipped + (~finite).astype(jnp.int32),
         first_nonfinite=jnp.where((state.first_nonfinite < 0) & ~finite, step,
                                   state.first_nonfinite))

@@ -1,9 +1,12 @@
 """train_step and the optimizer, without the data pipeline: accumulation, schedule, weight-decay
 mask, non-finite handling, and the same losses on 8 devices as on one."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from configs import base
@@ -118,6 +121,36 @@ def test_weight_decay_skips_norm_scales():
     updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
     np.testing.assert_allclose(updates['final_norm']['scale'], 0.0)
     np.testing.assert_allclose(updates['layers']['mlp']['up']['kernel'], -0.2, rtol=1e-6)
+
+
+@pytest.mark.parametrize('clip_norm', [0.5, 1e3, 0.0], ids=['clipped', 'unclipped', 'no-clip'])
+def test_fused_optimizer_matches_the_optax_chain(clip_norm):
+    """make_optimizer's fused update gives reference_optimizer's (optax) updates and state over
+    several steps, and a step with apply=False changes nothing."""
+    cfg = model.preset('tiny')
+    abstract, _ = model.param_specs(cfg)
+    c = base.get_config()
+    c.optim.update(lr_peak=1e-2, warmup_steps=2, weight_decay=0.1, clip_norm=clip_norm)
+    fused, reference = optim.make_optimizer(c.optim, 10), optim.reference_optimizer(c.optim, 10)
+    keys = iter(jax.random.split(jax.random.key(0), 100))
+    params = jax.tree.map(lambda a: jax.random.normal(next(keys), a.shape), abstract)
+    state_f = state_r = reference.init(params)
+    update_f = jax.jit(fused.update)
+    for _ in range(4):
+        grads = jax.tree.map(lambda a: jax.random.normal(next(keys), a.shape), abstract)
+        u_f, state_f = update_f(grads, state_f, params, grad_norm=optax.global_norm(grads),
+                                apply=jnp.bool_(True))
+        u_r, state_r = reference.update(grads, state_r, params)
+        close = functools.partial(np.testing.assert_allclose, rtol=2e-5, atol=1e-7)
+        jax.tree.map(close, u_f, u_r)
+        jax.tree.map(close, state_f, state_r)
+        assert jax.tree.structure(state_f) == jax.tree.structure(state_r)
+        params = optax.apply_updates(params, u_r)
+    nan_grads = jax.tree.map(lambda a: jnp.full(a.shape, jnp.nan), abstract)
+    u, state_skip = update_f(nan_grads, state_f, params, grad_norm=jnp.float32(jnp.nan),
+                             apply=jnp.bool_(False))
+    jax.tree.map(lambda a: np.testing.assert_array_equal(a, 0.0), u)
+    jax.tree.map(np.testing.assert_array_equal, state_skip, state_f)
 
 
 def test_nonfinite_update_is_not_applied_and_first_step_recorded():
