@@ -88,7 +88,10 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int
             if decays:                                                   # add_decayed_weights
                 u = u + wd * p
             u = jnp.array(step_size, u.dtype) * u                        # scale_by_learning_rate
-            return jnp.where(apply, u, jnp.zeros_like(u)), mu, nu
+            # -0.0, the exact additive identity (p + -0.0 == p, signed zeros included); and
+            # not the 0.0 that XLA:GPU shared with the gradient accumulator's zeros and then
+            # materialised, a parameter-sized buffer each (+1 GiB a GPU at 7B).
+            return jnp.where(apply, u, jnp.array(-0.0, u.dtype)), mu, nu
 
         out = jax.tree.map(leaf, grads, params, adam.mu, adam.nu, decay_mask(params))
         is_out = lambda x: isinstance(x, tuple)
