@@ -223,7 +223,11 @@ class MLP(nn.Module):
         d, f = c.hidden_size, c.mlp_dim
         gate = Einsum(c, 'btd,df->btf', (d, f), ('embed', 'mlp'), name='gate')(x_BxTxD)
         up = Einsum(c, 'btd,df->btf', (d, f), ('embed', 'mlp'), name='up')(x_BxTxD)
-        h_BxTxF = sharding.constrain(nn.silu(gate) * up, ('batch', 'length', 'act_mlp'))
+        # Rematerialised: the backward keeps only the two products and recomputes the sigmoid
+        # in its own pass. Saved, silu(gate) and its sigmoid were each a (B, T, F) buffer of
+        # their own and a pass over memory (XLA:CPU: 2.5% of a small model's step).
+        swiglu = jax.checkpoint(lambda g, u: nn.silu(g) * u, prevent_cse=False)
+        h_BxTxF = sharding.constrain(swiglu(gate, up), ('batch', 'length', 'act_mlp'))
         return Einsum(c, 'btf,fd->btd', (f, d), ('mlp', 'embed'), name='down')(h_BxTxF)
 
 
