@@ -65,6 +65,10 @@ def _chunk_terms(x_BxCxD, head_DxV, targets_BxC, weights_BxC, with_grads: bool):
     """One chunk: (weighted loss sum, and with_grads: d loss / d logits in compute dtype)."""
     logits = jnp.einsum('bcd,dv->bcv', x_BxCxD, head_DxV, preferred_element_type=jnp.float32)
     logits = sharding.constrain(logits, ('batch', 'length', 'act_vocab'))
+    # On CPU the product stands alone: fused with the row max that follows, XLA:CPU's
+    # product ran at two thirds of its rate (1% of a small model's step).
+    logits = jax.lax.platform_dependent(logits, cpu=jax.lax.optimization_barrier,
+                                        default=lambda x: x)
     max_BxC = jax.lax.stop_gradient(jnp.max(logits, axis=-1))
     shifted = logits - max_BxC[..., None]
     exp = jnp.exp(shifted)
