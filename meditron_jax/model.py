@@ -37,6 +37,8 @@ import jax
 import jax.numpy as jnp
 
 from meditron_jax import sharding
+# The parameter-free functions (the einsum, RoPE, SwiGLU) live in layers.py.
+from meditron_jax.layers import contract, rope, swiglu  # noqa: F401
 # Attention (implementations, the platform choice) lives in attention.py; these stay model names.
 from meditron_jax.attention import (  # noqa: F401
     attention, cached_attention, compile_platform, current_platform, resolve_attention,
@@ -98,50 +100,6 @@ class Einsum(nn.Module):
                         nn.initializers.normal(self.cfg.init_std), self.cfg)
         dtype = jnp.dtype(self.cfg.compute_dtype)
         return contract(self.equation, x.astype(dtype), kernel.astype(dtype))
-
-
-def contract(equation: str, x: Array, kernel: Array) -> Array:
-    """A batch-free einsum as one dot_general contracting in the input's dimension order.
-
-    jnp.einsum orders the contracted dimensions its own way ('btnh,nhd->btd' contracts (h, n)),
-    and XLA:CPU then transposed the whole kernel to match, on every call (in a decode step, the
-    o projection's weights at each layer each step)."""
-    inputs, out = equation.split('->')
-    lhs, rhs = inputs.split(',')
-    summed = [c for c in lhs if c in rhs]
-    if sorted(c for c in lhs + rhs if c not in summed) != sorted(out) or any(
-            c in out for c in summed):
-        raise ValueError(f'contract: {equation!r} is not a batch-free contraction')
-    # The free dimensions that lead both lhs and out ('bt' of 'btd,df->btf') are flattened into
-    # one token dimension around the dot: XLA:CPU lowered the weight gradient of a dot with two
-    # such dimensions badly (the MLP's gradient at batch 4 x 256 took 175 ms as 3-D dots, 98 ms
-    # on 2-D tokens). The reshape keeps the batch sharding (rows split evenly over data/fsdp).
-    lead = 0
-    while (lead < len(lhs) and lead < len(out) and lhs[lead] == out[lead]
-           and lhs[lead] not in rhs):
-        lead += 1
-    if lead > 1:
-        lead_shape = x.shape[:lead]
-        z = next(ch for ch in 'zyxwvu' if ch not in equation)
-        y = contract(z + lhs[lead:] + ',' + rhs + '->' + z + out[lead:],
-                     x.reshape(-1, *x.shape[lead:]), kernel)
-        return y.reshape(*lead_shape, *y.shape[1:])
-    dims = (tuple(lhs.index(c) for c in summed), tuple(rhs.index(c) for c in summed))
-    y = jax.lax.dot_general(x, kernel, (dims, ((), ())))
-    natural = [c for c in lhs if c not in summed] + [c for c in rhs if c not in summed]
-    return y if natural == list(out) else jnp.transpose(y, [natural.index(c) for c in out])
-
-
-def rope(x_BxTxNxH: Array, positions_BxT: Array, theta: float) -> Array:
-    """Rotary embedding, rotate-half layout (HF): pairs are (i, i + H/2)."""
-    head_dim = x_BxTxNxH.shape[-1]
-    inv_freq = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
-    angles_BxTxH2 = positions_BxT[..., None].astype(jnp.float32) * inv_freq
-    cos = jnp.cos(angles_BxTxH2)[:, :, None, :]
-    sin = jnp.sin(angles_BxTxH2)[:, :, None, :]
-    x1, x2 = jnp.split(x_BxTxNxH.astype(jnp.float32), 2, axis=-1)
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.astype(x_BxTxNxH.dtype)
 
 
 # The KV cache: {'k', 'v'}, each (layers, batch, cache length, kv heads, head dim) in the compute
@@ -223,10 +181,6 @@ class MLP(nn.Module):
         d, f = c.hidden_size, c.mlp_dim
         gate = Einsum(c, 'btd,df->btf', (d, f), ('embed', 'mlp'), name='gate')(x_BxTxD)
         up = Einsum(c, 'btd,df->btf', (d, f), ('embed', 'mlp'), name='up')(x_BxTxD)
-        # Rematerialised: the backward keeps only the two products and recomputes the sigmoid
-        # in its own pass. Saved, silu(gate) and its sigmoid were each a (B, T, F) buffer of
-        # their own and a pass over memory (XLA:CPU: 2.5% of a small model's step).
-        swiglu = jax.checkpoint(lambda g, u: nn.silu(g) * u, prevent_cse=False)
         h_BxTxF = sharding.constrain(swiglu(gate, up), ('batch', 'length', 'act_mlp'))
         return Einsum(c, 'btf,fd->btd', (f, d), ('mlp', 'embed'), name='down')(h_BxTxF)
 

@@ -196,14 +196,12 @@ def test_causal_changing_token_t_changes_no_earlier_logit(cfg, params, tokens, x
 def test_remat_policies_give_the_same_gradients_as_none(cfg, params, tokens, scan_layers):
     base = cfg.replace(scan_layers=scan_layers)
     params = M.to_layout(params, base)
-    grads, remats = {}, {}
-    for policy in ['none'] + sorted(set(M.REMAT_POLICIES) - {'none'}):
+    grads = {}
+    for policy in M.REMAT_POLICIES:
         c = base.replace(remat=policy)
         grad_fn = jax.grad(loss_fn(c))
-        # The policy really puts a rematerialisation around the block into the program (with
-        # 'none', only the MLP's SwiGLU is rematerialised).
-        remats[policy] = str(jax.make_jaxpr(grad_fn)(params, tokens)).count('remat')
-        assert remats[policy] > remats['none'] or policy == 'none', remats
+        # The policy really puts a rematerialisation into the program (or none for 'none').
+        assert ('remat' in str(jax.make_jaxpr(grad_fn)(params, tokens))) == (policy != 'none')
         grads[policy] = jax.jit(grad_fn, compiler_options=FAST_COMPILE)(params, tokens)
     assert set(grads) == {'none', 'full', 'save_dots', 'save_dots_no_batch'}
     for policy, g in grads.items():
@@ -275,3 +273,14 @@ def test_heads_not_dividing_hidden_raises_naming_both():
 def test_kv_heads_not_dividing_heads_raises_naming_both():
     with pytest.raises(ValueError, match=r'num_kv_heads=3 does not divide num_heads=8'):
         M.preset('tiny', num_kv_heads=3)
+
+
+def test_swiglu_gradients_match_autodiff():
+    keys = jax.random.split(jax.random.key(3), 3)
+    gate, up, dh = (jax.random.normal(k, (3, 5, 7)) * 3 for k in keys)
+    plain = lambda g, u: jax.nn.silu(g) * u
+    ours = jax.vjp(M.swiglu, gate, up)
+    theirs = jax.vjp(plain, gate, up)
+    np.testing.assert_allclose(ours[0], theirs[0], rtol=1e-6)
+    for a, b in zip(ours[1](dh), theirs[1](dh)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

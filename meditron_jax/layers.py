@@ -1,0 +1,78 @@
+"""The model's parameter-free array functions: ``contract`` (a linear map as one dot_general),
+rotary embeddings and SwiGLU with a hand-written backward. model.py builds the layers on them.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+def contract(equation: str, x: Array, kernel: Array) -> Array:
+    """A batch-free einsum as one dot_general contracting in the input's dimension order.
+
+    jnp.einsum orders the contracted dimensions its own way ('btnh,nhd->btd' contracts (h, n)),
+    and XLA:CPU then transposed the whole kernel to match, on every call (in a decode step, the
+    o projection's weights at each layer each step)."""
+    inputs, out = equation.split('->')
+    lhs, rhs = inputs.split(',')
+    summed = [c for c in lhs if c in rhs]
+    if sorted(c for c in lhs + rhs if c not in summed) != sorted(out) or any(
+            c in out for c in summed):
+        raise ValueError(f'contract: {equation!r} is not a batch-free contraction')
+    # The free dimensions that lead both lhs and out ('bt' of 'btd,df->btf') are flattened into
+    # one token dimension around the dot: XLA:CPU lowered the weight gradient of a dot with two
+    # such dimensions badly (the MLP's gradient at batch 4 x 256 took 175 ms as 3-D dots, 98 ms
+    # on 2-D tokens). The reshape keeps the batch sharding (rows split evenly over data/fsdp).
+    lead = 0
+    while (lead < len(lhs) and lead < len(out) and lhs[lead] == out[lead]
+           and lhs[lead] not in rhs):
+        lead += 1
+    if lead > 1:
+        lead_shape = x.shape[:lead]
+        z = next(ch for ch in 'zyxwvu' if ch not in equation)
+        y = contract(z + lhs[lead:] + ',' + rhs + '->' + z + out[lead:],
+                     x.reshape(-1, *x.shape[lead:]), kernel)
+        return y.reshape(*lead_shape, *y.shape[1:])
+    dims = (tuple(lhs.index(c) for c in summed), tuple(rhs.index(c) for c in summed))
+    y = jax.lax.dot_general(x, kernel, (dims, ((), ())))
+    natural = [c for c in lhs if c not in summed] + [c for c in rhs if c not in summed]
+    return y if natural == list(out) else jnp.transpose(y, [natural.index(c) for c in out])
+
+
+def rope(x_BxTxNxH: Array, positions_BxT: Array, theta: float) -> Array:
+    """Rotary embedding, rotate-half layout (HF): pairs are (i, i + H/2)."""
+    head_dim = x_BxTxNxH.shape[-1]
+    inv_freq = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    angles_BxTxH2 = positions_BxT[..., None].astype(jnp.float32) * inv_freq
+    cos = jnp.cos(angles_BxTxH2)[:, :, None, :]
+    sin = jnp.sin(angles_BxTxH2)[:, :, None, :]
+    x1, x2 = jnp.split(x_BxTxNxH.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BxTxNxH.dtype)
+
+
+@jax.custom_vjp
+def swiglu(gate: Array, up: Array) -> Array:
+    """silu(gate) * up, whose backward keeps gate and up only and recomputes the sigmoid in the
+    pass that forms both gradients. Left to autodiff, silu(gate) and its sigmoid were each saved
+    as a (B, T, F) buffer of its own (XLA:CPU: a pass over memory each, forward and back)."""
+    return jax.nn.silu(gate) * up
+
+
+def _swiglu_fwd(gate, up):
+    return swiglu(gate, up), (gate, up)
+
+
+def _swiglu_bwd(residuals, dh):
+    gate, up = residuals
+    g = gate.astype(jnp.float32)
+    sig = jax.nn.sigmoid(g)
+    dh = dh.astype(jnp.float32)
+    dgate = dh * up.astype(jnp.float32) * sig * (1 + g * (1 - sig))
+    return dgate.astype(gate.dtype), (dh * g * sig).astype(up.dtype)
+
+
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
