@@ -59,27 +59,36 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int
     the update separately, and the train step's non-finite mask then copied params, mu and nu
     again (about a tenth of a small model's CPU step).
 
-    ``update(grads, state, params, *, grad_norm=None, apply=True)``: grad_norm is the gradients'
-    global norm if the caller has it; where ``apply`` is False (a traced bool: a non-finite
-    step) the updates are zeros and the state comes back unchanged, counts included.
+    ``update(grads, state, params, *, grad_divisor=1.0, grad_norm=None, apply=True)``: the
+    gradients are ``grads / grad_divisor`` cast to each parameter's dtype (the train step's mean
+    over tokens, divided inside the same pass); grad_norm is their global norm if the caller
+    has it; where ``apply`` is False (a traced bool: a non-finite step) the updates are -0.0
+    and the state comes back unchanged, counts included.
     """
     reference = reference_optimizer(optim, total_steps)
     schedule = lr_schedule(optim, total_steps)
     clip, wd = float(optim.clip_norm), float(optim.weight_decay)
     b1, b2, eps = float(optim.b1), float(optim.b2), float(optim.eps)
 
-    def update(grads, state, params=None, *, grad_norm=None, apply=True):
+    def update(grads, state, params=None, *, grad_divisor=1.0, grad_norm=None, apply=True):
         if params is None:
             raise ValueError('make_optimizer: update needs params (weight decay)')
         adam, masked, sched = state[-1]
         if grad_norm is None:
-            grad_norm = optax.global_norm(grads)
+            grad_norm = optax.global_norm(grads) / grad_divisor
         count = optax.safe_increment(adam.count)
         step_size = -schedule(sched.count)
 
+        # One scalar factor (the mean over tokens, then clipping as optax.clip_by_global_norm
+        # does), and a product, not quotients: XLA copies a cheap multiply into each fusion that
+        # reads the gradient, where a divide (costed as expensive) was materialised, a pass a
+        # parameter.
+        factor = 1.0 / jnp.asarray(grad_divisor, jnp.float32)
+        if clip > 0:
+            factor = jnp.where(grad_norm < clip, factor, factor * (clip / grad_norm))
+
         def leaf(g, p, mu, nu, decays):
-            if clip > 0:  # optax.clip_by_global_norm
-                g = jax.lax.select(grad_norm < clip, g, (g / grad_norm.astype(g.dtype)) * clip)
+            g = (g * factor).astype(p.dtype)
             mu = jnp.where(apply, (1 - b1) * g + b1 * mu, mu)          # optax.scale_by_adam
             nu = jnp.where(apply, (1 - b2) * (g ** 2) + b2 * nu, nu)
             mu_hat = mu / (1 - b1 ** count).astype(mu.dtype)

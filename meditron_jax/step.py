@@ -75,16 +75,16 @@ def train_step(state: TrainState, batch: dict, *, cfg: model.LlamaConfig,
             micro_step, (jnp.float32(0), jnp.float32(0), zeros),
             _split_micro(batch, grad_accum_steps))
     denom = jnp.maximum(count, 1.0)
-    grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, state.params)
     loss = loss_sum / denom
-    grad_norm = optax.global_norm(grads)
+    # The mean gradient is grads / denom; the optimizer divides inside its one pass.
+    grad_norm = optax.global_norm(grads) / denom
     # A non-finite update is never applied: the optimizer (optim.make_optimizer) returns zero
     # updates and its unchanged state inside the same fused pass. The loop then stops
     # (nonfinite='error', naming the first bad step, checked at log steps so the host never
     # waits on a step) or goes on.
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params,
-                                          grad_norm=grad_norm, apply=finite)
+                                          grad_divisor=denom, grad_norm=grad_norm, apply=finite)
     step = state.step + 1
     new_state = state.replace(
         step=step, params=optax.apply_updates(state.params, updates), opt_state=opt_state,

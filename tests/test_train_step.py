@@ -138,8 +138,10 @@ def test_fused_optimizer_matches_the_optax_chain(clip_norm):
     update_f = jax.jit(fused.update)
     for _ in range(4):
         grads = jax.tree.map(lambda a: jax.random.normal(next(keys), a.shape), abstract)
-        u_f, state_f = update_f(grads, state_f, params, grad_norm=optax.global_norm(grads),
-                                apply=jnp.bool_(True))
+        # The step hands over token-summed gradients and the count to divide by.
+        summed = jax.tree.map(lambda g: g * 3.0, grads)
+        u_f, state_f = update_f(summed, state_f, params, grad_divisor=jnp.float32(3.0),
+                                grad_norm=optax.global_norm(grads), apply=jnp.bool_(True))
         u_r, state_r = reference.update(grads, state_r, params)
         close = functools.partial(np.testing.assert_allclose, rtol=2e-5, atol=1e-7)
         jax.tree.map(close, u_f, u_r)
