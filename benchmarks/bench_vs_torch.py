@@ -1,12 +1,14 @@
 """Our compiled train step vs Hugging Face torch's eager step, on this CPU, in one process.
 
-    python benchmarks/bench_vs_torch.py                         # both shapes, ~5 min on 2 cores
-    python benchmarks/bench_vs_torch.py --shapes small --steps 8
+    python benchmarks/bench_vs_torch.py          # both shapes, both layer forms, ~8 min on 2 cores
+    python benchmarks/bench_vs_torch.py --shapes small --layers unscanned --steps 8
 
 Each shape runs the same float32 model both ways, from the same initial weights, on the same
 batch (batch x seq_len tokens, one document a row): ours is the step ``meditron-train`` runs
 (``step.train_step`` jitted by ``step.compile_steps`` with its shardings and donation, AdamW +
-global-norm clipping 1.0 from ``optim.make_optimizer``, one device); torch's is
+global-norm clipping 1.0 from ``optim.make_optimizer``, one device), with the layers scanned
+(``model.scan_layers=True``, the default) and unscanned (``--config.model.scan_layers=false``)
+as two rows; torch's is
 ``transformers.LlamaForCausalLM`` (sdpa attention) + ``F.cross_entropy`` +
 ``clip_grad_norm_(1.0)`` + ``torch.optim.AdamW`` (same betas, eps and weight decay, no decay on
 norm scales). The two steps alternate, one each per round, so the machine's load hits both;
@@ -179,7 +181,8 @@ def run_shape(shape: str, batch: int, seq_len: int, steps: int, warmup: int, pea
     med = lambda k: statistics.median(r[k] for r in rows)
     n_tok = batch * seq_len
     flops = cfg.flops_per_token(seq_len) * n_tok
-    return dict(shape=shape, layers='scanned' if scan_layers else 'unscanned', params_m=cfg.num_params() / 1e6, tokens=n_tok,
+    return dict(shape=shape, layers='scanned' if scan_layers else 'unscanned',
+                params_m=cfg.num_params() / 1e6, tokens=n_tok,
                 ours_s=med(0), ours_cpu_s=med(1), torch_s=med(2), torch_cpu_s=med(3),
                 first_loss_ours=first_ours, first_loss_torch=first_torch, compile_s=compile_s,
                 flops=flops, peak=peak, load=(load_start, load_end))
