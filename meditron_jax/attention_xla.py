@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from meditron_jax.layers import apart_on_cpu
+
 Array = jax.Array
 
 
@@ -51,9 +53,7 @@ def _transposed(x_BxKxMxS: Array) -> Array:
     operand (P^T dO, dS^T Q) at a fifth of its GEMM rate, and folds a plain transpose back into
     the product; a copy and a plain product took 0.65x the time. Elsewhere a transpose XLA may
     fold into the product as usual."""
-    swapped = lambda x: jnp.swapaxes(x, 2, 3)
-    return jax.lax.platform_dependent(
-        x_BxKxMxS, cpu=lambda x: jax.lax.optimization_barrier(swapped(x)), default=swapped)
+    return apart_on_cpu(x_BxKxMxS, lambda x: jnp.swapaxes(x, 2, 3))
 
 
 def _probs(q_BxKxMxH, k_BxKxSxH, segment_ids_BxT):

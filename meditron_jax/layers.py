@@ -96,3 +96,11 @@ def _swiglu_bwd(residuals, dh):
 
 
 swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+
+
+def apart_on_cpu(x: Array, f=lambda a: a) -> Array:
+    """f(x), kept as its own buffer when compiling for CPU (an optimization barrier, so XLA:CPU
+    neither fuses it into its consumer nor folds a transpose back into a product); on GPU and
+    TPU plain f(x), which XLA fuses or folds as usual."""
+    return jax.lax.platform_dependent(
+        x, cpu=lambda a: jax.lax.optimization_barrier(f(a)), default=f)

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from meditron_jax import sharding
+from meditron_jax.layers import apart_on_cpu
 
 Array = jax.Array
 
@@ -67,8 +68,7 @@ def _chunk_terms(x_BxCxD, head_DxV, targets_BxC, weights_BxC, with_grads: bool):
     logits = sharding.constrain(logits, ('batch', 'length', 'act_vocab'))
     # On CPU the product stands alone: fused with the row max that follows, XLA:CPU's
     # product ran at two thirds of its rate (1% of a small model's step).
-    logits = jax.lax.platform_dependent(logits, cpu=jax.lax.optimization_barrier,
-                                        default=lambda x: x)
+    logits = apart_on_cpu(logits)
     max_BxC = jax.lax.stop_gradient(jnp.max(logits, axis=-1))
     shifted = logits - max_BxC[..., None]
     exp = jnp.exp(shifted)
@@ -88,9 +88,7 @@ def _transposed(x_GxMxD: Array) -> Array:
     (the head's gradient, x^T dlogits) ran at 0.8x the rate it reaches once x^T is a copy
     of its own, and it folds a plain transpose back into the product. Elsewhere a transpose
     XLA may fold as usual."""
-    swapped = lambda a: jnp.swapaxes(a, 1, 2)
-    return jax.lax.platform_dependent(
-        x_GxMxD, cpu=lambda a: jax.lax.optimization_barrier(swapped(a)), default=swapped)
+    return apart_on_cpu(x_GxMxD, lambda a: jnp.swapaxes(a, 1, 2))
 
 
 def _forward(chunk, dtype, x_BxTxD, head_DxV, targets_BxT, weights_BxT, with_grads):
