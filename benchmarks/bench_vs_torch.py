@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import sys
 import time
@@ -33,7 +34,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import configs.debug  # noqa: E402
 from configs import base  # noqa: E402
-from meditron_jax import model, optim, sharding, step  # noqa: E402
+from meditron_jax import host_memory, model, optim, sharding, step  # noqa: E402
 
 SHAPES = {
     # The issue's ~32M Llama.
@@ -135,8 +136,10 @@ def torch_step_fn(cfg, params, c):
 
 def timed(fn):
     w, cpu = time.perf_counter(), time.process_time()
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     out = fn()
-    return out, time.perf_counter() - w, time.process_time() - cpu
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+    return out, time.perf_counter() - w, time.process_time() - cpu, faults
 
 
 def run_shape(shape: str, batch: int, seq_len: int, steps: int, warmup: int, peak: float,
@@ -173,10 +176,10 @@ def run_shape(shape: str, batch: int, seq_len: int, steps: int, warmup: int, pea
     load_start = os.getloadavg()
     rows = []
     for i in range(warmup + steps):
-        _, w_j, c_j = timed(ours)
-        _, w_t, c_t = timed(lambda: torch_run(tokens))
+        _, w_j, c_j, f_j = timed(ours)
+        _, w_t, c_t, f_t = timed(lambda: torch_run(tokens))
         if i >= warmup:
-            rows.append((w_j, c_j, w_t, c_t))
+            rows.append((w_j, c_j, w_t, c_t, f_j, f_t))
     load_end = os.getloadavg()
     med = lambda k: statistics.median(r[k] for r in rows)
     n_tok = batch * seq_len
@@ -184,6 +187,7 @@ def run_shape(shape: str, batch: int, seq_len: int, steps: int, warmup: int, pea
     return dict(shape=shape, layers='scanned' if scan_layers else 'unscanned',
                 params_m=cfg.num_params() / 1e6, tokens=n_tok,
                 ours_s=med(0), ours_cpu_s=med(1), torch_s=med(2), torch_cpu_s=med(3),
+                ours_faults=med(4), torch_faults=med(5),
                 first_loss_ours=first_ours, first_loss_torch=first_torch, compile_s=compile_s,
                 flops=flops, peak=peak, load=(load_start, load_end))
 
@@ -201,6 +205,9 @@ def main():
                              "model.scan_layers=True) or a Python loop (scan_layers=False)")
     parser.add_argument('--torch-threads', type=int, default=os.cpu_count())
     args = parser.parse_args()
+    # As meditron-train does for a CPU run, before anything starts the JAX backend; the torch
+    # step shares the process and so the same malloc settings.
+    kept = host_memory.configure_for_cpu_step()
     import torch
     torch.set_num_threads(args.torch_threads)
     torch.manual_seed(0)
@@ -208,7 +215,8 @@ def main():
     xla_peak, torch_peak = gemm_peak()
     print(f'float32 2048^3 GEMM: XLA {xla_peak / 1e9:.1f} GFLOP/s, torch {torch_peak / 1e9:.1f} '
           f'GFLOP/s; torch threads {torch.get_num_threads()}; XLA_FLAGS='
-          f'{os.environ.get("XLA_FLAGS", "")!r}; load {os.getloadavg()}')
+          f'{os.environ.get("XLA_FLAGS", "")!r}; freed host memory kept (host_memory): {kept}; '
+          f'load {os.getloadavg()}')
     results = [run_shape(s, args.batch, args.seq_len, args.steps, args.warmup, xla_peak,
                          layers == 'scanned')
                for s in args.shapes for layers in args.layers]
@@ -229,7 +237,8 @@ def main():
         print(f"{r['shape']} ({r['layers']}): median step ours {r['ours_s'] * 1e3:.0f} ms (CPU "
               f"{r['ours_cpu_s'] * 1e3:.0f} ms), torch {r['torch_s'] * 1e3:.0f} ms (CPU "
               f"{r['torch_cpu_s'] * 1e3:.0f} ms); our first call (compile + step) "
-              f"{r['compile_s']:.1f} s")
+              f"{r['compile_s']:.1f} s; page faults a step ours {r['ours_faults']:,.0f}, torch "
+              f"{r['torch_faults']:,.0f}")
 
 
 if __name__ == '__main__':

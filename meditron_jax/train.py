@@ -26,7 +26,7 @@ from absl import logging as absl_logging
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from meditron_jax import checkpoint, cli, init_from, model, optim, sharding
+from meditron_jax import checkpoint, cli, host_memory, init_from, model, optim, sharding
 from meditron_jax import metrics as metrics_lib
 from meditron_jax.data import loader, prepare
 # The pure core lives in step.py; these names stay reachable as train.X (plan.py, tests).
@@ -336,6 +336,7 @@ def main(argv):
     if _CONFIG.value is None or not _WORKDIR.value:
         raise app.UsageError('--config and --workdir are required')
     cli.check_declared(_CONFIG.value, f'--config={flags.FLAGS["config"].config_filename}')
+    host_memory.configure_for_cpu_step()  # before the backend starts
     maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     if jax.process_index() != 0:  # one copy of the progress lines; every process's warnings
         logging.getLogger('meditron_jax').setLevel(logging.WARNING)
