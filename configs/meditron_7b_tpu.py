@@ -10,8 +10,8 @@ inter-node link to keep fsdp inside). 1600 sequences a step are 25 a chip: 5 mic
 sequences a chip (1 or 25 are the other whole splits), with nothing rematerialised.
 
 Planned (XLA:TPU, the real train step compiled for compile-only v5p devices with libtpu 0.0.42,
-jax 0.10.2): 79.9 GiB a chip (arguments 1.2 + temporaries 78.7, outputs aliased; XLA's own peak
-77.3) of the v5p's 95 GiB. remat=save_dots_no_batch (recomputes the norms, RoPE, SwiGLU and the
+jax 0.10.2): 60.1 GiB a chip (arguments 1.2 + temporaries 58.9, outputs aliased; XLA's own peak
+57.3) of the v5p's 95 GiB; 80.2 before SwiGLU's backward kept only gate and up (c0aa549). remat=save_dots_no_batch (recomputes the norms, RoPE, SwiGLU and the
 attention forward in the backward pass) came to 32.9 GiB (peak 30.1): the fallback if a real run
 needs more room.
 """
