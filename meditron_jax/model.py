@@ -38,7 +38,7 @@ import jax.numpy as jnp
 
 from meditron_jax import sharding
 # The parameter-free functions (the einsum, RoPE, SwiGLU) live in layers.py.
-from meditron_jax.layers import contract, rope, swiglu  # noqa: F401
+from meditron_jax.layers import contract, rms_norm, rope, swiglu  # noqa: F401
 # Attention (implementations, the platform choice) lives in attention.py; these stay model names.
 from meditron_jax.attention import (  # noqa: F401
     attention, cached_attention, compile_platform, current_platform, resolve_attention,
@@ -68,10 +68,7 @@ class RMSNorm(nn.Module):
     def __call__(self, x_BxTxD: Array) -> Array:
         scale_D = _param(self, 'scale', (x_BxTxD.shape[-1],), ('norm',),
                          nn.initializers.ones, self.cfg)
-        x = x_BxTxD.astype(jnp.float32)
-        x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.cfg.rms_eps)
-        dtype = jnp.dtype(self.cfg.compute_dtype)
-        return scale_D.astype(dtype) * x.astype(dtype)
+        return rms_norm(x_BxTxD, scale_D, self.cfg.rms_eps, jnp.dtype(self.cfg.compute_dtype))
 
 
 class Weight(nn.Module):

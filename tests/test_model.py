@@ -284,3 +284,39 @@ def test_swiglu_gradients_match_autodiff():
     np.testing.assert_allclose(ours[0], theirs[0], rtol=1e-6)
     for a, b in zip(ours[1](dh), theirs[1](dh)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_rms_norm_cpu_backward_matches_autodiff(dtype):
+    """The CPU form (its own backward, saving x and 1/rms) against autodiff of the plain
+    formula, which is what GPU/TPU run; values and both gradients."""
+    keys = jax.random.split(jax.random.key(4), 3)
+    x = (jax.random.normal(keys[0], (3, 5, 16)) * 2 + 0.5).astype(dtype)
+    scale = 1 + 0.1 * jax.random.normal(keys[1], (16,))
+    dy = jax.random.normal(keys[2], (3, 5, 16)).astype(dtype)
+
+    def plain(x, scale, out_dtype=dtype):
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + 1e-5)
+        return scale.astype(out_dtype) * x32.astype(out_dtype)
+
+    ours = jax.vjp(lambda x, s: M.rms_norm(x, s, 1e-5, dtype), x, scale)
+    theirs = jax.vjp(plain, x, scale)
+    assert ours[0].dtype == dtype
+    ours_grads, their_grads = ours[1](dy), theirs[1](dy)
+    assert [g.dtype for g in ours_grads] == [g.dtype for g in their_grads]
+    if dtype == jnp.float32:
+        np.testing.assert_allclose(ours[0], theirs[0], rtol=1e-6)
+        for a, b in zip(ours_grads, their_grads):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+        return
+    # bfloat16: autodiff rounds the products for the scale's gradient to bfloat16 before summing
+    # them, ours sums in float32; both against the float32 computation, ours at least as close.
+    np.testing.assert_array_equal(ours[0], theirs[0])
+    exact = jax.vjp(lambda x, s: plain(x, s, jnp.float32),
+                    x.astype(jnp.float32), scale)[1](dy.astype(jnp.float32))
+    for a, b, ref in zip(ours_grads, their_grads, exact):
+        a, b, ref = (np.asarray(v, np.float32) for v in (a, b, ref))
+        err_ours, err_theirs = np.abs(a - ref).max(), np.abs(b - ref).max()
+        assert err_ours <= 1.01 * err_theirs + 1e-3, (err_ours, err_theirs)
+        np.testing.assert_allclose(a, ref, rtol=2e-2, atol=2e-2 * np.abs(ref).max())
