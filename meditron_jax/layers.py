@@ -76,19 +76,18 @@ def rms_norm(x: Array, scale: Array, eps: float, dtype) -> Array:
         default=functools.partial(_rms_norm, eps, dtype))
 
 
-def _rms_norm(eps, dtype, x, scale):
-    x32 = x.astype(jnp.float32)
-    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return scale.astype(dtype) * x32.astype(dtype)
-
-
-_rms_norm_saving_input = jax.custom_vjp(_rms_norm, nondiff_argnums=(0, 1))
-
-
 def _rms_norm_fwd(eps, dtype, x, scale):
+    """(the norm, the residuals its CPU backward keeps: x, scale and the reciprocal rms)."""
     x32 = x.astype(jnp.float32)
     r = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
     return scale.astype(dtype) * (x32 * r).astype(dtype), (x, scale, r)
+
+
+def _rms_norm(eps, dtype, x, scale):
+    return _rms_norm_fwd(eps, dtype, x, scale)[0]
+
+
+_rms_norm_saving_input = jax.custom_vjp(_rms_norm, nondiff_argnums=(0, 1))
 
 
 def _rms_norm_bwd(eps, dtype, residuals, dy):

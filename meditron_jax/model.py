@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 
 from meditron_jax import sharding
-# The parameter-free functions (the einsum, RoPE, SwiGLU) live in layers.py.
+# The parameter-free functions (the einsum, RMS norm, RoPE, SwiGLU) live in layers.py.
 from meditron_jax.layers import contract, rms_norm, rope, swiglu  # noqa: F401
 # Attention (implementations, the platform choice) lives in attention.py; these stay model names.
 from meditron_jax.attention import (  # noqa: F401
