@@ -1,4 +1,5 @@
-"""The model's parameter-free array functions: ``contract`` (a linear map as one dot_general),
+"""The model's parameter-free array functions: ``contract`` (a linear map as one dot_general)
+and ``contract_shared`` (several of one input),
 RMS normalisation, rotary embeddings and SwiGLU with a hand-written backward. model.py builds
 the layers on them.
 """
@@ -6,6 +7,7 @@ the layers on them.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 
 import jax
@@ -62,6 +64,26 @@ def contract(equation: str, x: Array, kernel: Array) -> Array:
     y = jax.lax.dot_general(x, kernel, (dims, ((), ())))
     natural = [c for c in lhs if c not in summed] + [c for c in rhs if c not in summed]
     return y if natural == list(out) else jnp.transpose(y, [natural.index(c) for c in out])
+
+
+def contract_shared(x_ZxD: Array, kernels: list[Array]) -> list[Array]:
+    """[contract('zd,d...->z...', x, kernel) for each kernel]: linear maps of one input (the q, k
+    and v projections).
+
+    On CPU they are one 2-D matrix product with the kernels side by side, (D, sum of their
+    sizes), split after: as separate products each kept a copy of x for its gradient of its own
+    (a scanned stack then copies each into and out of its stacked residuals). GPU/TPU keep one
+    dot_general a kernel."""
+    def cpu(x, *kernels):
+        flat = [k.reshape(k.shape[0], -1) for k in kernels]
+        y = jnp.matmul(x, jnp.concatenate(flat, axis=1))
+        ends = list(itertools.accumulate(f.shape[1] for f in flat))[:-1]
+        return [part.reshape(x.shape[0], *k.shape[1:])
+                for part, k in zip(jnp.split(y, ends, axis=1), kernels)]
+
+    def default(x, *kernels):
+        return [jax.lax.dot_general(x, k, (((1,), (0,)), ((), ()))) for k in kernels]
+    return jax.lax.platform_dependent(x_ZxD, *kernels, cpu=cpu, default=default)
 
 
 def rms_norm(x: Array, scale: Array, eps: float, dtype) -> Array:

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 
 from meditron_jax import sharding
 # The parameter-free functions (the einsum, RMS norm, RoPE, SwiGLU) live in layers.py.
-from meditron_jax.layers import contract, rms_norm, rope, swiglu  # noqa: F401
+from meditron_jax.layers import contract, contract_shared, rms_norm, rope, swiglu  # noqa: F401
 # Attention (implementations, the platform choice) lives in attention.py; these stay model names.
 from meditron_jax.attention import (  # noqa: F401
     attention, cached_attention, compile_platform, current_platform, resolve_attention,
@@ -72,7 +72,8 @@ class RMSNorm(nn.Module):
 
 
 class Weight(nn.Module):
-    """A bare weight (the embedding table, the output head), normal(init_std) initialised."""
+    """A bare weight (the embedding table, the output head, the q/k/v kernels), normal(init_std)
+    initialised."""
     cfg: LlamaConfig
     shape: tuple[int, ...]
     names: tuple[str, ...]
@@ -145,11 +146,13 @@ class Attention(nn.Module):
         """-> (output, the layer's cache with this call's keys and values written, or None)."""
         c = self.cfg
         d, n, k, h = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
-        q = Einsum(c, 'btd,dnh->btnh', (d, n, h), ('embed', 'heads', 'head_dim'), name='q')(x_BxTxD)
-        kk = Einsum(c, 'btd,dkh->btkh', (d, k, h), ('embed', 'kv_heads', 'head_dim'),
-                    name='k')(x_BxTxD)
-        v = Einsum(c, 'btd,dkh->btkh', (d, k, h), ('embed', 'kv_heads', 'head_dim'),
-                   name='v')(x_BxTxD)
+        dtype = jnp.dtype(c.compute_dtype)
+        kernels = [Weight(c, (d, heads, h), ('embed', axis, 'head_dim'), 'kernel', name=name)()
+                   .astype(dtype) for name, heads, axis in
+                   (('q', n, 'heads'), ('k', k, 'kv_heads'), ('v', k, 'kv_heads'))]
+        # q, k and v from one flattened input (on CPU one product): layers.contract_shared.
+        q, kk, v = (y.reshape(*x_BxTxD.shape[:2], *y.shape[1:]) for y in contract_shared(
+            x_BxTxD.reshape(-1, d).astype(dtype), kernels))
         q = sharding.constrain(rope(q, positions_BxT, c.rope_theta),
                                ('batch', 'length', 'act_heads', None))
         kk = sharding.constrain(rope(kk, positions_BxT, c.rope_theta),
@@ -176,8 +179,10 @@ class MLP(nn.Module):
     def __call__(self, x_BxTxD):
         c = self.cfg
         d, f = c.hidden_size, c.mlp_dim
-        gate = Einsum(c, 'btd,df->btf', (d, f), ('embed', 'mlp'), name='gate')(x_BxTxD)
-        up = Einsum(c, 'btd,df->btf', (d, f), ('embed', 'mlp'), name='up')(x_BxTxD)
+        # One flattened input for both: each contract's own flattening was a residual of its own.
+        x_ZxD = x_BxTxD.reshape(-1, d)
+        gate, up = (Einsum(c, 'zd,df->zf', (d, f), ('embed', 'mlp'), name=name)(x_ZxD)
+                    .reshape(*x_BxTxD.shape[:2], f) for name in ('gate', 'up'))
         h_BxTxF = sharding.constrain(swiglu(gate, up), ('batch', 'length', 'act_mlp'))
         return Einsum(c, 'btf,fd->btd', (f, d), ('mlp', 'embed'), name='down')(h_BxTxF)
 
