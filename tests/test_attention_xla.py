@@ -15,9 +15,14 @@ def reference(q, k, v, segment_ids):
                                         implementation='xla')
 
 
+@pytest.mark.parametrize('min_block,blocks', [(128, 1), (8, 3), (6, 4)])
 @pytest.mark.parametrize('heads,kv_heads', [(4, 4), (4, 2), (6, 1)], ids=['mha', 'gqa', 'mqa'])
-def test_values_and_gradients_match_jax_attention(heads, kv_heads):
+def test_values_and_gradients_match_jax_attention(heads, kv_heads, min_block, blocks,
+                                                  monkeypatch):
+    """Whole, and with the queries in blocks (each against the keys up to its end only)."""
     b, t, h = 2, 24, 8
+    monkeypatch.setattr(attention_xla, 'MIN_BLOCK', min_block)
+    assert attention_xla._num_blocks(t) == blocks
     keys = jax.random.split(jax.random.key(0), 4)
     q = jax.random.normal(keys[0], (b, t, heads, h))
     k = jax.random.normal(keys[1], (b, t, kv_heads, h))
