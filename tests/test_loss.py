@@ -30,9 +30,12 @@ def test_chunk_length_divides_and_bounds_the_logits(monkeypatch):
     assert L.chunk_length(12, 40) == 4              # the largest divisor of 12 up to 5
 
 
-@pytest.mark.parametrize('chunk_logits', [40 * 4, 40 * 12], ids=['3 chunks', 'whole'])
-def test_loss_and_gradients_match_the_plain_formula(inputs, monkeypatch, chunk_logits):
+@pytest.mark.parametrize('chunk_logits,unrolled', [(40 * 4, 4), (40 * 4, 0), (40 * 12, 4)],
+                         ids=['3 chunks', '3 chunks scanned', 'whole'])
+def test_loss_and_gradients_match_the_plain_formula(inputs, monkeypatch, chunk_logits, unrolled):
+    """Chunks as a Python loop (up to UNROLLED_CHUNKS of them) and as a scan."""
     monkeypatch.setattr(L, 'CHUNK_LOGITS_PER_ROW', chunk_logits)
+    monkeypatch.setattr(L, 'UNROLLED_CHUNKS', unrolled)
     x, w, t, weights = inputs
     fused = lambda x, w: L.head_cross_entropy(x, w, t, weights)
     (total, count), (ref_total, ref_count) = jax.jit(fused)(x, w), plain(x, w, t, weights)
