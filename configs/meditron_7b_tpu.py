@@ -10,10 +10,12 @@ inter-node link to keep fsdp inside). 1600 sequences a step are 25 a chip: 5 mic
 sequences a chip (1 or 25 are the other whole splits), with nothing rematerialised.
 
 Planned (XLA:TPU, the real train step compiled for compile-only v5p devices with libtpu 0.0.42,
-jax 0.10.2): 60.1 GiB a chip (arguments 1.2 + temporaries 58.9, outputs aliased; XLA's own peak
-57.3) of the v5p's 95 GiB; 80.2 before SwiGLU's backward kept only gate and up (c0aa549). remat=save_dots_no_batch (recomputes the norms, RoPE, SwiGLU and the
-attention forward in the backward pass) came to 32.9 GiB (peak 30.1): the fallback if a real run
-needs more room.
+jax 0.10.2): 53.3 GiB a chip (arguments 1.2 + temporaries 52.2, outputs aliased; XLA's own peak
+50.6) of the v5p's 95 GiB; 60.1 before the MLP's backward recomputed SwiGLU's output
+(layers.swiglu_down), 80.2 before SwiGLU's backward kept only gate and up (c0aa549).
+remat=save_dots_no_batch (recomputes the norms, RoPE, SwiGLU and the attention forward in the
+backward pass) came to 32.9 GiB (peak 30.1) before both: the fallback if a real run needs more
+room.
 """
 
 from configs import meditron_7b

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 
 from meditron_jax import sharding
 # The parameter-free functions (the einsum, RMS norm, RoPE, SwiGLU) live in layers.py.
-from meditron_jax.layers import contract, contract_shared, rms_norm, rope, swiglu  # noqa: F401
+from meditron_jax.layers import contract, contract_shared, rms_norm, rope, swiglu, swiglu_down  # noqa: F401
 # Attention (implementations, the platform choice) lives in attention.py; these stay model names.
 from meditron_jax.attention import (  # noqa: F401
     attention, cached_attention, compile_platform, current_platform, resolve_attention,
@@ -72,8 +72,8 @@ class RMSNorm(nn.Module):
 
 
 class Weight(nn.Module):
-    """A bare weight (the embedding table, the output head, the q/k/v kernels), normal(init_std)
-    initialised."""
+    """A bare weight (the embedding table, the output head, kernels applied by a layers.py
+    function), normal(init_std) initialised."""
     cfg: LlamaConfig
     shape: tuple[int, ...]
     names: tuple[str, ...]
@@ -183,8 +183,10 @@ class MLP(nn.Module):
         x_ZxD = x_BxTxD.reshape(-1, d)
         gate, up = (Einsum(c, 'zd,df->zf', (d, f), ('embed', 'mlp'), name=name)(x_ZxD)
                     .reshape(*x_BxTxD.shape[:2], f) for name in ('gate', 'up'))
-        h_BxTxF = sharding.constrain(swiglu(gate, up), ('batch', 'length', 'act_mlp'))
-        return Einsum(c, 'btf,fd->btd', (f, d), ('mlp', 'embed'), name='down')(h_BxTxF)
+        # down(swiglu(gate, up)) as one function whose backward recomputes swiglu's output
+        # (layers.swiglu_down): saved, it was a (tokens, F) residual a layer.
+        down = Weight(c, (f, d), ('mlp', 'embed'), 'kernel', name='down')()
+        return swiglu_down(gate, up, down.astype(jnp.dtype(c.compute_dtype)))
 
 
 class Block(nn.Module):
