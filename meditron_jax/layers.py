@@ -1,6 +1,7 @@
 """The model's parameter-free array functions: ``contract`` (a linear map as one dot_general)
 and ``contract_shared`` (several of one input),
-RMS normalisation, rotary embeddings and SwiGLU with a hand-written backward. model.py builds
+RMS normalisation, rotary embeddings, SwiGLU with a hand-written backward and ``swiglu_down``
+(SwiGLU and the down projection, recomputing SwiGLU's output for the backward). model.py builds
 the layers on them.
 """
 
@@ -178,9 +179,7 @@ def _mlp_hidden(gate, up):
 
 
 def _swiglu_down_fwd(gate, up, down):
-    h = _mlp_hidden(gate, up)
-    y = jnp.matmul(h.reshape(-1, h.shape[-1]), down)
-    return y.reshape(*h.shape[:-1], y.shape[-1]), (gate, up, down)
+    return contract('btf,fd->btd', _mlp_hidden(gate, up), down), (gate, up, down)
 
 
 def _swiglu_down_bwd(residuals, dy_BxTxD):

@@ -38,7 +38,8 @@ import jax.numpy as jnp
 
 from meditron_jax import sharding
 # The parameter-free functions (the einsum, RMS norm, RoPE, SwiGLU) live in layers.py.
-from meditron_jax.layers import contract, contract_shared, rms_norm, rope, swiglu, swiglu_down  # noqa: F401
+from meditron_jax.layers import (  # noqa: F401
+    contract, contract_shared, rms_norm, rope, swiglu, swiglu_down)
 # Attention (implementations, the platform choice) lives in attention.py; these stay model names.
 from meditron_jax.attention import (  # noqa: F401
     attention, cached_attention, compile_platform, current_platform, resolve_attention,
