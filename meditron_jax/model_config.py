@@ -33,6 +33,8 @@ class LlamaConfig:
     param_dtype: str = 'float32'      # master weights
     compute_dtype: str = 'float32'    # matmuls and activations; 'bfloat16' for real runs
     scan_layers: bool = True          # one compiled block over stacked parameters
+    scan_unroll: int = 0              # scanned layers a loop iteration runs; 0: model.scan_unroll
+                                      # chooses (no loop on XLA:CPU up to 16 layers, else 1)
     remat: str = 'none'               # one of REMAT_POLICIES
     attention: str = 'xla'            # 'xla' everywhere, 'cudnn' fused flash attention on GPU,
                                       # 'splash' the Pallas flash kernel on TPU (splash.py)
@@ -51,6 +53,8 @@ class LlamaConfig:
                           f'num_heads={self.num_heads}')
         if self.num_heads > 0 and (self.hidden_size // self.num_heads) % 2:
             errors.append(f'head_dim={self.hidden_size // self.num_heads} must be even for RoPE')
+        if self.scan_unroll < 0:
+            errors.append(f'scan_unroll={self.scan_unroll} must be >= 0 (0: chosen per platform)')
         if self.remat not in REMAT_POLICIES:
             errors.append(f'remat={self.remat!r}, expected one of {sorted(REMAT_POLICIES)}')
         if self.attention not in ATTENTION_IMPLEMENTATIONS:

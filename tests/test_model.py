@@ -192,9 +192,11 @@ def test_causal_changing_token_t_changes_no_earlier_logit(cfg, params, tokens, x
 # ------------------------------------------------------------------------ remat
 
 
-@pytest.mark.parametrize('scan_layers', [True, False], ids=['scanned', 'unscanned'])
-def test_remat_policies_give_the_same_gradients_as_none(cfg, params, tokens, scan_layers):
-    base = cfg.replace(scan_layers=scan_layers)
+@pytest.mark.parametrize('scan_layers,scan_unroll', [(True, 0), (True, 1), (False, 0)],
+                         ids=['scanned-unrolled', 'scanned-loop', 'unscanned'])
+def test_remat_policies_give_the_same_gradients_as_none(cfg, params, tokens, scan_layers,
+                                                        scan_unroll):
+    base = cfg.replace(scan_layers=scan_layers, scan_unroll=scan_unroll)
     params = M.to_layout(params, base)
     grads = {}
     for policy in M.REMAT_POLICIES:
@@ -209,6 +211,34 @@ def test_remat_policies_give_the_same_gradients_as_none(cfg, params, tokens, sca
                                 jax.tree.leaves(grads['none'])):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6,
                                        err_msg=f'{policy}: {jax.tree_util.keystr(path)}')
+
+
+# ------------------------------------------------------------------ scanned stack's loop
+
+
+def test_scan_unroll_is_chosen_per_platform():
+    tiny = M.preset('tiny')                                    # 2 layers
+    assert M.scan_unroll(tiny) == 2                            # XLA:CPU: no loop
+    assert M.scan_unroll(tiny.replace(num_layers=M.CPU_UNROLL_MAX_LAYERS + 1)) == 1
+    assert M.scan_unroll(tiny.replace(scan_unroll=1)) == 1     # the config's, when set
+    assert M.scan_unroll(tiny.replace(scan_unroll=5)) == 2
+    for platform in ('gpu', 'tpu'):
+        with attention_lib.compile_platform(platform):
+            assert M.scan_unroll(tiny) == 1
+    with pytest.raises(ValueError, match=r'scan_unroll=-1 must be >= 0'):
+        tiny.replace(scan_unroll=-1)
+
+
+def test_unrolled_scan_has_no_loop_and_the_same_gradients(cfg, params, tokens):
+    grads = {}
+    for unroll in (1, 0):
+        grad_fn = jax.grad(loss_fn(cfg.replace(scan_unroll=unroll)))
+        text = jax.jit(grad_fn).lower(params, tokens).as_text()
+        assert ('stablehlo.while' in text) == (unroll == 1), unroll
+        grads[unroll] = jax.jit(grad_fn, compiler_options=FAST_COMPILE)(params, tokens)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(grads[0]),
+                            jax.tree.leaves(grads[1])):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7, err_msg=jax.tree_util.keystr(path))
 
 
 # ----------------------------------------------------------------------- attention
