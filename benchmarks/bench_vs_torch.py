@@ -7,8 +7,8 @@ Each shape runs the same float32 model both ways, from the same initial weights,
 batch (batch x seq_len tokens, one document a row): ours is the step ``meditron-train`` runs
 (``step.train_step`` jitted by ``step.compile_steps`` with its shardings and donation, AdamW +
 global-norm clipping 1.0 from ``optim.make_optimizer``, one device), with the layers scanned
-(``model.scan_layers=True``, the default) and unscanned (``--config.model.scan_layers=false``)
-as two rows; torch's is
+(``model.scan_layers=True``, the default; on a CPU with no loop, see ``model.scan_unroll``) and
+unscanned (``--config.model.scan_layers=false``) as two rows; torch's is
 ``transformers.LlamaForCausalLM`` (sdpa attention) + ``F.cross_entropy`` +
 ``clip_grad_norm_(1.0)`` + ``torch.optim.AdamW`` (same betas, eps and weight decay, no decay on
 norm scales). The two steps alternate, one each per round, so the machine's load hits both;
