@@ -78,9 +78,10 @@ def xla_gradient_bytes(config, devices):
 @pytest.mark.slow
 def test_extrapolated_flops_equal_xla_count_of_the_unrolled_step():
     """The scanned step with 2 micro-batches (XLA counts loop bodies once) extrapolates to the
-    FLOPs XLA counts for the same model unrolled, in one batch."""
+    FLOPs XLA counts for the same model unrolled, in one batch. The scanned stack keeps its loop
+    (scan_unroll=1, as on GPU and TPU; XLA:CPU's own choice would unroll it)."""
     devices = jax.devices()[:8]
-    scanned = tiny_config(num_layers=4)
+    scanned = tiny_config(num_layers=4, scan_unroll=1)
     scanned.optim.grad_accum_steps = 2
     unrolled = tiny_config(num_layers=4, scan_layers=False)
     p_scanned = plan.make_plan(scanned, devices)
