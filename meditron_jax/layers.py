@@ -13,6 +13,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from meditron_jax import sharding
 
@@ -128,16 +129,49 @@ def _rms_norm_bwd(eps, dtype, residuals, dy):
 _rms_norm_saving_input.defvjp(_rms_norm_fwd, _rms_norm_bwd)
 
 
-def rope(x_BxTxNxH: Array, positions_BxT: Array, theta: float) -> Array:
-    """Rotary embedding, rotate-half layout (HF): pairs are (i, i + H/2)."""
+def rope(x_BxTxNxH: Array, positions_BxT: Array, theta: float, max_len: int | None = None
+         ) -> Array:
+    """Rotary embedding, rotate-half layout (HF): pairs are (i, i + H/2).
+
+    With ``max_len`` (the model's max_seq_len), on CPU the cosines and sines are gathered by
+    position from a (max_len, H/2) table computed once, when tracing: computed in the program,
+    XLA:CPU fused them into the rotation and evaluated cos and sin again for every element of q
+    and k, once per head (-2.8% of the small model's step, -2.6% at llama_100m, in-process A/B;
+    the same losses bit for bit). A position at or past max_len reads NaN there. GPU/TPU compute
+    them in the program."""
     head_dim = x_BxTxNxH.shape[-1]
-    inv_freq = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
-    angles_BxTxH2 = positions_BxT[..., None].astype(jnp.float32) * inv_freq
-    cos = jnp.cos(angles_BxTxH2)[:, :, None, :]
-    sin = jnp.sin(angles_BxTxH2)[:, :, None, :]
+    computed = functools.partial(_rope_cos_sin, head_dim, theta)
+    if max_len is None:
+        cos, sin = computed(positions_BxT)
+    else:
+        cos, sin = jax.lax.platform_dependent(
+            positions_BxT, cpu=functools.partial(_rope_cos_sin_gathered, head_dim, theta, max_len),
+            default=computed)
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
     x1, x2 = jnp.split(x_BxTxNxH.astype(jnp.float32), 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x_BxTxNxH.dtype)
+
+
+def _rope_cos_sin(head_dim: int, theta: float, positions_BxT: Array) -> tuple[Array, Array]:
+    inv_freq = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    angles_BxTxH2 = positions_BxT[..., None].astype(jnp.float32) * inv_freq
+    return jnp.cos(angles_BxTxH2), jnp.sin(angles_BxTxH2)
+
+
+@functools.lru_cache(maxsize=16)
+def _rope_table(head_dim: int, theta: float, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """(cos, sin) of positions 0..max_len-1, (max_len, H/2): the same XLA operations as
+    _rope_cos_sin, run once on the default backend (a constant of the program)."""
+    with jax.ensure_compile_time_eval():
+        cos, sin = _rope_cos_sin(head_dim, theta, jnp.arange(max_len)[None])
+        return np.asarray(cos)[0], np.asarray(sin)[0]
+
+
+def _rope_cos_sin_gathered(head_dim: int, theta: float, max_len: int, positions_BxT: Array
+                           ) -> tuple[Array, Array]:
+    return tuple(jnp.take(table, positions_BxT, axis=0, mode='fill', fill_value=jnp.nan)
+                 for table in _rope_table(head_dim, theta, max_len))
 
 
 @jax.custom_vjp

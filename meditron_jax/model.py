@@ -154,9 +154,9 @@ class Attention(nn.Module):
         # q, k and v from one flattened input (on CPU one product): layers.contract_shared.
         q, kk, v = (y.reshape(*x_BxTxD.shape[:2], *y.shape[1:]) for y in contract_shared(
             x_BxTxD.reshape(-1, d).astype(dtype), kernels))
-        q = sharding.constrain(rope(q, positions_BxT, c.rope_theta),
+        q = sharding.constrain(rope(q, positions_BxT, c.rope_theta, c.max_seq_len),
                                ('batch', 'length', 'act_heads', None))
-        kk = sharding.constrain(rope(kk, positions_BxT, c.rope_theta),
+        kk = sharding.constrain(rope(kk, positions_BxT, c.rope_theta, c.max_seq_len),
                                 ('batch', 'length', 'act_kv_heads', None))
         if cache is None:
             out_BxTxNxH = attention(q, kk, v, segment_ids_BxT, c.attention)

@@ -305,6 +305,21 @@ def test_kv_heads_not_dividing_heads_raises_naming_both():
         M.preset('tiny', num_kv_heads=3)
 
 
+def test_rope_from_the_cpu_table_matches_rope_computed():
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, 16, 4, 8), dtype=np.float32))
+    positions = jnp.asarray(rng.integers(0, 64, (2, 16)), jnp.int32)
+    computed = jax.jit(lambda x, p: M.rope(x, p, 10000.0))
+    from_table = jax.jit(lambda x, p: M.rope(x, p, 10000.0, 64))
+    np.testing.assert_allclose(from_table(x, positions), computed(x, positions), rtol=0, atol=1e-6)
+    # The CPU program gathers from the table: no cos or sin is evaluated in it.
+    assert 'cosine' in computed.lower(x, positions).compile().as_text()
+    assert 'cosine' not in from_table.lower(x, positions).compile().as_text()
+    # A position past the table reads NaN, not a clamped angle.
+    out = np.asarray(from_table(x, positions.at[1, 3].set(64)))
+    assert np.isnan(out[1, 3]).all() and not np.isnan(np.delete(out.reshape(32, -1), 19, 0)).any()
+
+
 def test_swiglu_gradients_match_autodiff():
     keys = jax.random.split(jax.random.key(3), 3)
     gate, up, dh = (jax.random.normal(k, (3, 5, 7)) * 3 for k in keys)
