@@ -136,7 +136,7 @@ def rope(x_BxTxNxH: Array, positions_BxT: Array, theta: float, max_len: int | No
     With ``max_len`` (the model's max_seq_len), on CPU the cosines and sines are gathered by
     position from a (max_len, H/2) table computed once, when tracing: computed in the program,
     XLA:CPU fused them into the rotation and evaluated cos and sin again for every element of q
-    and k, once per head (-2.8% of the small model's step, -2.6% at llama_100m, in-process A/B;
+    and k, once per head (-2.9% of the small model's step, -2.6% at llama_100m, in-process A/B;
     the same losses bit for bit). A position at or past max_len reads NaN there. GPU/TPU compute
     them in the program."""
     head_dim = x_BxTxNxH.shape[-1]
