@@ -320,6 +320,31 @@ def test_rope_from_the_cpu_table_matches_rope_computed():
     assert np.isnan(out[1, 3]).all() and not np.isnan(np.delete(out.reshape(32, -1), 19, 0)).any()
 
 
+@pytest.mark.parametrize('equation,kernel_shape', [('btd,df->btf', (6, 10)),
+                                                    ('btnh,nhd->btd', (2, 3, 6))],
+                         ids=['mlp', 'o'])
+def test_cpu_contract_gradients_match_einsum_and_keep_x_transposed_apart(equation,
+                                                                       kernel_shape):
+    """contract's CPU form (layers.matmul_cpu: the kernel's gradient from a copy of x^T) against
+    autodiff of jnp.einsum; in the compiled CPU gradient no product contracts the rows of both
+    operands (the form XLA:CPU ran through its slow generic dot)."""
+    keys = jax.random.split(jax.random.key(6), 3)
+    x_shape = (2, 5, *kernel_shape[:-1]) if equation.startswith('btnh') else (2, 5, 6)
+    x = jax.random.normal(keys[0], x_shape)
+    kernel = jax.random.normal(keys[1], kernel_shape)
+    ours = jax.vjp(lambda x, k: M.contract(equation, x, k), x, kernel)
+    theirs = jax.vjp(lambda x, k: jnp.einsum(equation, x, k), x, kernel)
+    dy = jax.random.normal(keys[2], ours[0].shape)
+    np.testing.assert_allclose(ours[0], theirs[0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(ours[1](dy), theirs[1](dy)):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    grad = jax.jit(jax.grad(lambda x, k: jnp.sum(M.contract(equation, x, k) * dy), (0, 1)))
+    text = grad.lower(x, kernel).compile().as_text()
+    assert ' dot(' in text
+    assert 'lhs_contracting_dims={0}, rhs_contracting_dims={0}' not in text
+
+
 def test_swiglu_gradients_match_autodiff():
     keys = jax.random.split(jax.random.key(3), 3)
     gate, up, dh = (jax.random.normal(k, (3, 5, 7)) * 3 for k in keys)
