@@ -62,13 +62,13 @@ def main() -> None:
         a = rng.standard_normal((k, m) if ta else (m, k), dtype=np.float32)
         b = rng.standard_normal((n, k) if tb else (k, n), dtype=np.float32)
         flops = 2 * m * k * n
-        xla = flops / _median_seconds(jax.jit(_product(ta, tb)), jax.numpy.asarray(a),
-                                      jax.numpy.asarray(b)) / 1e9
+        xa, xb = jax.numpy.asarray(a), jax.numpy.asarray(b)
+        xla = flops / _median_seconds(jax.jit(_product(ta, tb)), xa, xb) / 1e9
         ref = flops / _median_seconds(_product(ta, tb), torch.from_numpy(a),
                                       torch.from_numpy(b)) / 1e9
         apart = '-'
         if ta:
-            apart = f'{flops / _median_seconds(jax.jit(_product(ta, tb, True)), jax.numpy.asarray(a), jax.numpy.asarray(b)) / 1e9:.0f}'
+            apart = f'{flops / _median_seconds(jax.jit(_product(ta, tb, True)), xa, xb) / 1e9:.0f}'
         print(f'| {name} | {m} x {k} x {n} | {xla:.0f} | {ref:.0f} | {xla / ref:.2f} | {apart} |')
 
 
