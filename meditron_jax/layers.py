@@ -1,8 +1,8 @@
 """The model's parameter-free array functions: ``contract`` (a linear map as one dot_general)
 and ``contract_shared`` (several of one input), their 2-D products on CPU through
-``matmul_cpu`` (the kernel's gradient from a copy of x^T), RMS normalisation, rotary embeddings, SwiGLU with a hand-written backward and ``swiglu_down``
-(SwiGLU and the down projection, recomputing SwiGLU's output for the backward). model.py builds
-the layers on them.
+``matmul_cpu`` (the kernel's gradient from a copy of x^T); RMS normalisation, rotary embeddings,
+SwiGLU with a hand-written backward and ``swiglu_down`` (SwiGLU and the down projection,
+recomputing SwiGLU's output for the backward). model.py builds the layers on them.
 """
 
 from __future__ import annotations
