@@ -10,6 +10,12 @@ a last column gives XLA's rate with x^T a buffer of its own (behind an optimizat
 ``layers.matmul_cpu`` forms it): XLA:CPU runs the product contracting the rows of both operands
 through its generic dot, a plain product through YNNPACK. Shapes: llama_100m's
 (D 768, F 2048, V 32,000, 1,024 tokens; the loss's chunks of 512 rows) and a 2048^3 peak.
+
+A last line adds the products up as one llama_100m step runs them (10 layers: gate and up twice
+each, down, q/k/v as one product, o; the head in its two chunks), each at the rate measured for it
+here, the kernels' gradients at the rate of the form the step uses (x^T a copy but for the down
+projection): what the step's projections and head cost at XLA's rate and at torch's. Attention's
+batched products (about 5% of the FLOPs) are not in it.
 """
 
 from __future__ import annotations
@@ -21,19 +27,28 @@ import jax
 import numpy as np
 import torch
 
-D, F, V, T, CHUNK = 768, 2048, 32000, 1024, 512
-# (name, m, k, n, transpose the first operand, transpose the second): op(a) @ op(b) is (m, n).
-CASES = [('peak 2048^3', 2048, 2048, 2048, False, False),
-         ('mlp x @ W', T, D, F, False, False),
-         ('mlp dy @ W^T', T, F, D, False, True),
-         ('mlp x^T @ dy', D, T, F, True, False),
-         ('down x @ W', T, F, D, False, False),
-         ('down dy @ W^T', T, D, F, False, True),
-         ('down x^T @ dy', F, T, D, True, False),
-         ('qkv x @ W', T, D, D + 2 * 256, False, False),
-         ('head x @ W', CHUNK, D, V, False, False),
-         ('head dy @ W^T', CHUNK, V, D, False, True),
-         ('head x^T @ dy', D, CHUNK, V, True, False)]
+D, F, V, T, CHUNK, LAYERS = 768, 2048, 32000, 1024, 512, 10
+QKV = D + 2 * 256
+# (name, m, k, n, transpose the first operand, transpose the second, how many a llama_100m step
+# runs): op(a) @ op(b) is (m, n).
+CASES = [('peak 2048^3', 2048, 2048, 2048, False, False, 0),
+         ('mlp x @ W', T, D, F, False, False, 2 * LAYERS),
+         ('mlp dy @ W^T', T, F, D, False, True, 2 * LAYERS),
+         ('mlp x^T @ dy', D, T, F, True, False, 2 * LAYERS),
+         ('down x @ W', T, F, D, False, False, LAYERS),
+         ('down dy @ W^T', T, D, F, False, True, LAYERS),
+         ('down x^T @ dy', F, T, D, True, False, LAYERS),
+         ('qkv x @ W', T, D, QKV, False, False, LAYERS),
+         ('qkv dy @ W^T', T, QKV, D, False, True, LAYERS),
+         ('qkv x^T @ dy', D, T, QKV, True, False, LAYERS),
+         ('o x @ W', T, D, D, False, False, LAYERS),
+         ('o dy @ W^T', T, D, D, False, True, LAYERS),
+         ('o x^T @ dy', D, T, D, True, False, LAYERS),
+         ('head x @ W', CHUNK, D, V, False, False, T // CHUNK),
+         ('head dy @ W^T', CHUNK, V, D, False, True, T // CHUNK),
+         ('head x^T @ dy', D, CHUNK, V, True, False, T // CHUNK)]
+# The kernel gradients the step forms from autodiff's product (layers.matmul_cpu is not used).
+AUTODIFF_FORM = ('down x^T @ dy',)
 
 
 def _median_seconds(f, *args, reps: int = 10) -> float:
@@ -58,7 +73,8 @@ def main() -> None:
     print('| product | m x k x n | XLA GFLOP/s | torch GFLOP/s | XLA / torch '
           '| XLA GFLOP/s, x^T a copy |')
     print('|---|---|---:|---:|---:|---:|')
-    for name, m, k, n, ta, tb in CASES:
+    step_xla = step_torch = step_gflop = 0.0
+    for name, m, k, n, ta, tb, count in CASES:
         a = rng.standard_normal((k, m) if ta else (m, k), dtype=np.float32)
         b = rng.standard_normal((n, k) if tb else (k, n), dtype=np.float32)
         flops = 2 * m * k * n
@@ -66,10 +82,18 @@ def main() -> None:
         xla = flops / _median_seconds(jax.jit(_product(ta, tb)), xa, xb) / 1e9
         ref = flops / _median_seconds(_product(ta, tb), torch.from_numpy(a),
                                       torch.from_numpy(b)) / 1e9
-        apart = '-'
+        apart, in_step = '-', xla
         if ta:
-            apart = f'{flops / _median_seconds(jax.jit(_product(ta, tb, True)), xa, xb) / 1e9:.0f}'
+            copied = flops / _median_seconds(jax.jit(_product(ta, tb, True)), xa, xb) / 1e9
+            apart = f'{copied:.0f}'
+            in_step = xla if name in AUTODIFF_FORM else copied
         print(f'| {name} | {m} x {k} x {n} | {xla:.0f} | {ref:.0f} | {xla / ref:.2f} | {apart} |')
+        step_gflop += count * flops / 1e9
+        step_xla += count * flops / 1e9 / in_step
+        step_torch += count * flops / 1e9 / ref
+    print(f'\nllama_100m step, projections + head ({step_gflop:.0f} GFLOP) at these rates: '
+          f'XLA {step_xla * 1e3:,.0f} ms, torch {step_torch * 1e3:,.0f} ms '
+          f'(XLA / torch time {step_xla / step_torch:.2f})')
 
 
 if __name__ == '__main__':
