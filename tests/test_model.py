@@ -213,6 +213,19 @@ def test_remat_policies_give_the_same_gradients_as_none(cfg, params, tokens, sca
                                        err_msg=f'{policy}: {jax.tree_util.keystr(path)}')
 
 
+def test_save_dots_on_cpu_recomputes_no_product(cfg, params, tokens):
+    """remat=save_dots still sees the projections' products on CPU, where they sit inside custom
+    VJPs (layers.matmul_cpu, swiglu_down): its compiled gradient has as many dots as no remat at
+    all, where remat=full recomputes the forward's."""
+    def dots(policy):
+        c = cfg.replace(remat=policy)
+        text = jax.jit(jax.grad(loss_fn(c))).lower(M.to_layout(params, c), tokens).compile()
+        return text.as_text().count(' dot(')
+    none = dots('none')
+    assert dots('save_dots') == none
+    assert dots('full') > none
+
+
 # ------------------------------------------------------------------ scanned stack's loop
 
 
