@@ -129,7 +129,9 @@ def get_config() -> ml_collections.ConfigDict:
         seed=0,
         init_from='',               # params checkpoint (meditron-convert) or training workdir
         nonfinite='error',          # 'error': stop naming the step; 'skip': skip the update, count it
-        peak_flops_per_device=989e12,  # dense bf16 peak for MFU (H100 SXM); A100: 312e12
+        # Dense bf16 peak for MFU (H100 SXM); A100: 312e12. Not used on CPU, where MFU is
+        # against the host's float32 GEMM rate, measured at the start (train.py).
+        peak_flops_per_device=989e12,
     ))
 
     c.checkpoint = ml_collections.ConfigDict(dict(

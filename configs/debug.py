@@ -36,7 +36,8 @@ def get_config():
     c.train.log_every = 10
     c.train.eval_every = 100
     c.train.eval_steps = 4
-    c.train.peak_flops_per_device = 1e11  # rough CPU figure; MFU on CPU is only indicative
+    # A rough CPU figure, for meditron-plan's cpu target; training on a CPU measures its own.
+    c.train.peak_flops_per_device = 1e11
     c.checkpoint.every = 100
     c.checkpoint.keep = 2
     return c

@@ -48,7 +48,8 @@ def get_config(pretrained_workdir: str = ''):
     c.train.log_every = 10
     c.train.eval_every = 50
     c.train.eval_steps = 1
-    c.train.peak_flops_per_device = 1e11  # rough CPU figure; MFU on CPU is only indicative
+    # A rough CPU figure, for meditron-plan's cpu target; training on a CPU measures its own.
+    c.train.peak_flops_per_device = 1e11
     c.checkpoint.every = 50
     c.checkpoint.keep = 2
     return c

@@ -37,6 +37,28 @@ from meditron_jax.step import (BATCH_KEYS, TrainState, abstract_state,  # noqa: 
 log = logging.getLogger(__name__)
 
 
+def peak_flops_per_device(config, mesh) -> float:
+    """The FLOP/s that MFU is measured against: train.peak_flops_per_device (an accelerator's
+    dense bf16 peak) on GPU/TPU; on a CPU, where no such figure holds, this host's float32 GEMM
+    rate, measured now (the best of 3 1024^3 products on one device, shared out among the
+    process's CPU devices, which share its cores)."""
+    if any(d.platform != 'cpu' for d in mesh.devices.flat):
+        return float(config.train.peak_flops_per_device)
+    n = 1024
+    a = jax.device_put(np.ones((n, n), np.float32), jax.local_devices()[0])
+    product = jax.jit(lambda a: a @ a)
+    jax.block_until_ready(product(a))
+    best = float('inf')
+    for _ in range(3):
+        start = time.perf_counter()
+        jax.block_until_ready(product(a))
+        best = min(best, time.perf_counter() - start)
+    per_device = 2 * n ** 3 / best / jax.local_device_count()
+    log.info('MFU on CPU: against this host\'s float32 GEMM rate, measured at %.1f GFLOP/s '
+             '(%.1f a device)', per_device * jax.local_device_count() / 1e9, per_device / 1e9)
+    return per_device
+
+
 class NonFiniteError(FloatingPointError):
     pass
 
@@ -235,7 +257,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     step_fn, eval_fn = compile_steps(config, cfg, optimizer, schedule, shardings, mesh)
     tokens_per_step = int(config.data.global_batch_size) * int(config.data.seq_len)
     flops_per_step = cfg.flops_per_token(int(config.data.seq_len)) * tokens_per_step
-    peak_flops = float(config.train.peak_flops_per_device) * mesh.size
+    peak_flops = peak_flops_per_device(config, mesh) * mesh.size
     writer = metrics_lib.MetricsWriter(workdir, enabled=is_primary, resume_step=start)
     progress = metrics_lib.Progress(start, steps)
 
