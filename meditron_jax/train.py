@@ -53,9 +53,10 @@ def peak_flops_per_device(config, mesh) -> float:
         start = time.perf_counter()
         jax.block_until_ready(product(a))
         best = min(best, time.perf_counter() - start)
-    per_device = 2 * n ** 3 / best / jax.local_device_count()
+    host = 2 * n ** 3 / best
+    per_device = host / jax.local_device_count()
     log.info('MFU on CPU: against this host\'s float32 GEMM rate, measured at %.1f GFLOP/s '
-             '(%.1f a device)', per_device * jax.local_device_count() / 1e9, per_device / 1e9)
+             '(%.1f a device)', host / 1e9, per_device / 1e9)
     return per_device
 
 
